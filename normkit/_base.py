@@ -9,11 +9,35 @@ from torch import Tensor, nn
 
 from normkit.functional import _check_eps, _check_momentum, normalize_axis
 
-__all__ = ["NormBase"]
+__all__ = ["NormBase", "check_input"]
 
 
 def _rank_text(ranks: tuple[int, ...]) -> str:
     return " or ".join(f"{r}-D" for r in ranks)
+
+
+def check_input(
+    name: str, x: Tensor, num_features: int, axis: int, ranks: tuple[int, ...] = (), layout: str = "(N, C, ...)"
+) -> int:
+    """Validate a layer's input (rank, dtype, channel count) and return the channel axis."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    if (ranks and x.dim() not in ranks) or x.dim() < 2:
+        raise ValueError(
+            f"{name} expects a {_rank_text(ranks or (2,)) if ranks else 'at least 2-D'} input {layout}, "
+            f"got a {x.dim()}-D input of shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}; convert it with x.float()")
+    channel_axis = normalize_axis(axis, x.dim())
+    if channel_axis == 0:
+        raise ValueError(f"{name}: axis must not be the batch axis 0, got axis={axis}")
+    if x.shape[channel_axis] != num_features:
+        raise ValueError(
+            f"{name} expects {num_features} channels on axis {axis}, got {x.shape[channel_axis]} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    return channel_axis
 
 
 class NormBase(nn.Module):
@@ -101,25 +125,7 @@ class NormBase(nn.Module):
 
     def _check_input(self, x: Tensor) -> int:
         """Validate x and return the normalized channel axis."""
-        name = type(self).__name__
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
-        if self._ranks and x.dim() not in self._ranks:
-            raise ValueError(
-                f"{name} expects a {_rank_text(self._ranks)} input {self._layout}, "
-                f"got a {x.dim()}-D input of shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}; convert it with x.float()")
-        axis = normalize_axis(self.axis, x.dim())
-        if axis == 0:
-            raise ValueError(f"{name}: axis must not be the batch axis 0, got axis={self.axis}")
-        if x.shape[axis] != self.num_features:
-            raise ValueError(
-                f"{name} expects {self.num_features} channels on axis {self.axis}, "
-                f"got {x.shape[axis]} (input shape {tuple(x.shape)})"
-            )
-        return axis
+        return check_input(type(self).__name__, x, self.num_features, self.axis, self._ranks, self._layout)
 
     def _batch_stats_and_factor(self) -> tuple[bool, float]:
         """Whether batch statistics are used, and the running-average factor (PyTorch's

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from normkit.functional import Moments, Mixer, apply_affine, expand_stat, reduce_dims, stat_dtype
+from normkit.functional import Moments, Mixer, moments, sum_positions, apply_affine, expand_stat, reduce_dims, stat_dtype
 
 __all__ = ["KernelSet", "set_backend", "get_backend", "use_backend", "BACKENDS"]
 
@@ -44,6 +44,11 @@ class KernelSet(NamedTuple):
     * ``backward_apply(dy, x, mean, scale, p, q, axis) -> dx``:
       ``dy * scale + (x - mean) * q + p`` in x's dtype.
     * ``supports(x, axis) -> bool``: whether this set handles this input.
+    * ``fused(x, axis, mixer, small, momentum) -> (y, tracked) or None`` (optional): the
+      whole layer, mixer and running-statistics update included, for sets that implement
+      the O(N*C) part natively (the Python mixer graph costs ~0.5 ms per step, more than
+      the passes on small tensors); ``tracked`` is None when the running statistics were
+      updated in place; None means "use the generic path with the four loops above".
 
     ``axis`` is the non-negative channel axis; x is contiguous or channels_last.
     """
@@ -54,13 +59,12 @@ class KernelSet(NamedTuple):
     apply: Callable[..., Tensor]
     reduce: Callable[..., tuple[Tensor, Tensor]]
     backward_apply: Callable[..., Tensor]
+    fused: Optional[Callable[..., Optional[tuple]]] = None
 
 
 def _aten_moments(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    dims = reduce_dims(x.dim(), axis)
-    n, c = x.shape[0], x.shape[axis]
-    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=dims, correction=0)
-    return mean.reshape(n, c), var.reshape(n, c)
+    m = moments(x, axis)
+    return m.mean, m.var
 
 
 def _aten_reduce(dy: Tensor, x: Tensor, mean: Tensor, axis: int) -> tuple[Tensor, Tensor]:
@@ -68,7 +72,7 @@ def _aten_reduce(dy: Tensor, x: Tensor, mean: Tensor, axis: int) -> tuple[Tensor
     n, c = mean.shape
     dys = dy.to(mean.dtype)
     centred = x.to(mean.dtype) - expand_stat(mean, x.dim(), axis)
-    return dys.sum(dims).reshape(n, c), (dys * centred).sum(dims).reshape(n, c)
+    return sum_positions(dys, dims).reshape(n, c), sum_positions(dys * centred, dims).reshape(n, c)
 
 
 def _aten_backward_apply(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, p: Tensor, q: Tensor, axis: int) -> Tensor:
@@ -88,8 +92,18 @@ ATEN_KERNELS = KernelSet(
 )
 
 
+_loaded: dict[str, Optional[KernelSet]] = {}
+
+
 def _load(name: str) -> Optional[KernelSet]:
-    """Import an optional kernel set; None when its toolchain is missing."""
+    """Import an optional kernel set once; None when its toolchain is missing (remembered,
+    so that a failed build is not retried on every call; ``_loaded.clear()`` retries)."""
+    if name not in _loaded:
+        _loaded[name] = _import_kernels(name)
+    return _loaded[name]
+
+
+def _import_kernels(name: str) -> Optional[KernelSet]:
     try:
         if name == "cpu":
             from normkit._cpu import CPU_KERNELS
@@ -215,8 +229,13 @@ class _FusedNorm(torch.autograd.Function):
 
 
 def fused_normalize(
-    kernels: KernelSet, x: Tensor, channel_axis: int, mixer: Mixer, small: tuple
+    kernels: KernelSet, x: Tensor, channel_axis: int, mixer: Mixer, small: tuple, momentum: float = 0.1
 ) -> tuple[Tensor, Optional[Moments]]:
+    """``(y, tracked)``; tracked is None when the kernels already updated the running stats."""
+    if kernels.fused is not None:
+        done = kernels.fused(x, channel_axis, mixer, small, momentum)
+        if done is not None:
+            return done
     tracked: list = []
     if mixer.use_batch_stats:  # running stats are not read, and are updated in place later
         small = small[:4] + (None, None)

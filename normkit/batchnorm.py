@@ -47,8 +47,11 @@ class _BatchNorm(NormBase):
             training (``torch.distributed.group.WORLD`` for all ranks). Default: None.
 
     Shape:
-        - Input: see the subclass; ``mask`` (optional, bool) broadcasts to the input
-          without its channel axis, True = valid. Padded outputs are 0.
+        - Input: see the subclass; ``mask`` (optional, bool): the input's shape without
+          its channel axis (same rank, sizes 1 broadcast: ``(N, L)`` for ``(N, C, L)`` or
+          ``(N, L, C)``, ``(N, H, W)`` for images), True = valid. Statistics and running
+          averages see valid positions only; padded outputs are 0 and carry no gradient
+          (see ``docs/MASKS.md``).
         - Output: same shape as the input.
 
     Examples::

@@ -77,6 +77,11 @@ def reduce_dims(ndim: int, channel_axis: int) -> list[int]:
     return [d for d in range(1, ndim) if d != channel_axis]
 
 
+def sum_positions(t: Tensor, dims: list[int]) -> Tensor:
+    """Sum over the position dims; an input without positions, e.g. (N, C), is its own sum."""
+    return t.sum(dim=dims) if dims else t
+
+
 def expand_stat(stat: Tensor, ndim: int, channel_axis: int) -> Tensor:
     """View an (N or 1, C or 1) statistic so that it broadcasts against the input."""
     shape = [1] * ndim
@@ -85,25 +90,45 @@ def expand_stat(stat: Tensor, ndim: int, channel_axis: int) -> Tensor:
     return stat.reshape(shape)
 
 
-def mask_for(x: Tensor, mask: Tensor, channel_axis: int) -> Tensor:
-    """Broadcast a validity mask (the input's shape without its channel axis) to x's rank."""
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor (True = valid position), got dtype {mask.dtype}")
-    target = list(x.shape)
-    del target[channel_axis]
-    if mask.dim() > len(target):
+def broadcast_mask(mask: Tensor, target: Sequence[int], device: torch.device, what: str) -> Tensor:
+    """Check a validity mask and broadcast it to ``target`` (errors say how to fix the call).
+
+    The mask must have exactly ``len(target)`` dims (sizes 1 broadcast): right-aligned
+    broadcasting of fewer dims would silently read a per-sample ``(N,)`` mask as a mask
+    over the last axis whenever ``N`` equals that axis' size.
+    """
+    target = tuple(target)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} has more dims than the input without its channel axis "
-            f"{tuple(target)}"
+            f"mask must be a bool tensor (True = valid position), got {got}; convert it with mask.bool() "
+            f"or build it with a comparison such as positions < lengths[:, None]"
         )
+    if mask.dim() != len(target):
+        fix = (
+            "add size-1 dims, e.g. mask[None] (same for every sample) or mask[:, None] (per sample)"
+            if mask.dim() < len(target)
+            else "drop the extra dims, e.g. mask.squeeze(1) for an (N, 1, L) mask"
+        )
+        raise ValueError(
+            f"mask must have {len(target)} dims, the shape of {what} {target} (sizes 1 broadcast), got shape "
+            f"{tuple(mask.shape)}; {fix}"
+        )
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the input is on {device}; move it with mask.to(x.device)")
     try:
-        mask = mask.broadcast_to(target)
+        return mask.broadcast_to(target)
     except RuntimeError:
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to the input's shape without its "
-            f"channel axis {tuple(target)}"
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the shape of {what} {target}"
         ) from None
-    return mask.unsqueeze(channel_axis)
+
+
+def mask_for(x: Tensor, mask: Tensor, channel_axis: int) -> Tensor:
+    """Broadcast a validity mask (the input's shape without its channel axis) to x's rank."""
+    target = list(x.shape)
+    del target[channel_axis]
+    return broadcast_mask(mask, target, x.device, "the input without its channel axis").unsqueeze(channel_axis)
 
 
 def moments(x: Tensor, channel_axis: int = 1, mask: Optional[Tensor] = None) -> Moments:
@@ -112,9 +137,12 @@ def moments(x: Tensor, channel_axis: int = 1, mask: Optional[Tensor] = None) -> 
     Args:
         x: input of shape ``(N, ..., C, ...)`` with the channel dim at ``channel_axis``.
         channel_axis: the feature axis (default 1, channels-first; -1 for channels-last).
-        mask: optional bool tensor broadcastable to ``x``'s shape without the channel axis,
-            True for valid positions. Only valid positions count; a sample with none gets
-            count 0, mean 0 and variance 0.
+        mask: optional bool tensor of ``x``'s shape without the channel axis (same rank;
+            sizes 1 broadcast), True for valid positions: ``(N, L)`` for ``(N, C, L)`` and
+            ``(N, L, C)``, ``(N, H, W)`` for images, ``(N, 1, W)`` or ``(1, L)`` shared.
+            Only valid positions count, and padded values (even NaN / inf) never reach the
+            statistics or their gradients; a sample with none gets count 0, mean 0 and
+            variance 0.
 
     Returns:
         :class:`Moments` with ``count`` of shape ``(N, 1)`` and ``mean`` / ``var`` of shape
@@ -129,26 +157,26 @@ def moments(x: Tensor, channel_axis: int = 1, mask: Optional[Tensor] = None) -> 
     dims = reduce_dims(x.dim(), channel_axis)
     n, c = x.shape[0], x.shape[channel_axis]
     if mask is None:
-        length = math.prod(x.shape[d] for d in dims)
+        length = math.prod([x.shape[d] for d in dims])
         count = torch.full((n, 1), float(length), dtype=xs.dtype, device=x.device)
         if not dims:  # (N, C): one value per (sample, channel)
             return Moments(count, xs, torch.zeros_like(xs))
+        if x.numel() == 0:  # e.g. an empty rank of a synced batch; var_mean would warn
+            zeros = xs.sum(dims).reshape(n, c)
+            return Moments(count, zeros, zeros)
         var, mean = torch.var_mean(xs, dim=dims, correction=0)
         return Moments(count, mean.reshape(n, c), var.reshape(n, c))
     valid = mask_for(x, mask, channel_axis)
     weight = valid.to(xs.dtype)
-    if dims:
-        count = weight.sum(dim=dims).reshape(n, 1)
-    else:
-        count = weight.reshape(n, 1)
+    count = sum_positions(weight, dims).reshape(n, 1)
     denom = count.clamp_min(1.0)
     # where() rather than multiplication, so that NaN/inf in padded positions stay out.
     xv = torch.where(valid, xs, 0.0)
-    total = xv.sum(dim=dims).reshape(n, c) if dims else xv.reshape(n, c)
+    total = sum_positions(xv, dims).reshape(n, c)
     mean = total / denom
     centred = torch.where(valid, xs - expand_stat(mean, x.dim(), channel_axis), 0.0)
     sq = centred.square()
-    var = (sq.sum(dim=dims).reshape(n, c) if dims else sq.reshape(n, c)) / denom
+    var = sum_positions(sq, dims).reshape(n, c) / denom
     return Moments(count, mean, var)
 
 
@@ -287,8 +315,10 @@ class Mixer(NamedTuple):
             assert mean_logits is not None and var_logits is not None
             wm = torch.softmax(mean_logits.to(dtype), 0)
             wv = torch.softmax(var_logits.to(dtype), 0)
-            mu = sum(wm[k] * s.mean for k, s in enumerate(per_source))
-            var = sum(wv[k] * s.var for k, s in enumerate(per_source))
+            mu, var = wm[0] * per_source[0].mean, wv[0] * per_source[0].var
+            for k in range(1, len(per_source)):
+                mu = mu + wm[k] * per_source[k].mean
+                var = var + wv[k] * per_source[k].var
         scale = torch.rsqrt(var.clamp_min(0.0) + self.eps).expand(n, c)
         if weight is not None:
             scale = scale * weight.to(dtype)
@@ -307,14 +337,20 @@ def _update_running(
     """Move running statistics towards the batch's, with the unbiased variance.
 
     Channels that saw at most one value (no variance estimate, e.g. an all-padded batch)
-    keep their running statistics.
+    keep their running statistics. For the IN source (the average of per-sample estimates,
+    as ``torch.nn.InstanceNorm*d``) only samples with more than one valid position vote.
     """
     with torch.no_grad():
         count, mean, var = tracked.count.expand_as(tracked.mean), tracked.mean, tracked.var
         unbiased = var * count / (count - 1).clamp_min(1.0)
-        if running_source == "in":  # torch.nn.InstanceNorm*d: average of per-sample estimates
-            mean, unbiased, count = mean.mean(0), unbiased.mean(0), count.min(0).values
-        ok = count.reshape(-1) > 1
+        estimated = count > 1
+        if running_source == "in":
+            votes = estimated.sum(0)
+            mean, unbiased = (
+                torch.where(estimated, t, 0.0).sum(0) / votes.clamp_min(1) for t in (mean, unbiased)
+            )
+            estimated = votes > 0
+        ok = estimated.reshape(-1)
         new_mean = torch.where(ok, mean.reshape(-1), running_mean.to(mean.dtype))
         new_var = torch.where(ok, unbiased.reshape(-1), running_var.to(mean.dtype))
         running_mean.lerp_(new_mean.to(running_mean.dtype), momentum)
@@ -355,13 +391,18 @@ def normalize(
 
     kernel = None if mixer.process_group is not None else _fused.select_kernels(x, channel_axis, mask)
     if kernel is not None:
-        y, tracked = _fused.fused_normalize(kernel, x, channel_axis, mixer, small)
+        y, tracked = _fused.fused_normalize(kernel, x, channel_axis, mixer, small, momentum)
     else:
         m_in = moments(x, channel_axis, mask)
         mu, scale, shift, tracked = mixer(m_in, *small)
-        y = apply_affine(x, mu, scale, shift, channel_axis)
-        if mask is not None:
-            y = torch.where(mask_for(x, mask, channel_axis), y, 0.0)
+        if mask is None:
+            y = apply_affine(x, mu, scale, shift, channel_axis)
+        else:
+            # Zero padded inputs before the affine too: the backward of (x - mu) * scale
+            # sums dy * (x - mu), and 0 * NaN there would poison the statistics' gradients.
+            valid = mask_for(x, mask, channel_axis)
+            y = apply_affine(torch.where(valid, x, 0.0), mu, scale, shift, channel_axis)
+            y = torch.where(valid, y, 0.0)
     if tracked is not None and running_mean is not None and running_var is not None:
         _update_running(tracked, running_mean, running_var, momentum, mixer.running_source)
     return y
@@ -420,8 +461,13 @@ def switch_norm(
         momentum: weight of the new batch in the running average (PyTorch convention).
         eps: added to the variance. Default 1e-5.
         channel_axis: the feature axis. Default 1.
-        mask: bool, broadcastable to ``x`` without its channel axis, True = valid. Statistics
-            see valid positions only; padded outputs are 0 and pass no gradient.
+        mask: bool, ``x``'s shape without its channel axis (same rank, sizes 1 broadcast;
+            e.g. ``(N, L)`` for ``(N, C, L)`` or channels-last ``(N, L, C)``), True = valid.
+            Every source's statistics and the running averages see valid positions only
+            (see :func:`moments`); padded outputs are 0 and pass no gradient, so NaN / inf
+            there never leak. A sample with no valid position gives no NaN: its IN / LN / GN
+            statistics are mean 0, variance 0; a batch with at most one valid value per
+            channel leaves the running averages unchanged.
         process_group: merge BN statistics across this ``torch.distributed`` group in training.
     """
     sources = parse_sources(sources, x.shape[normalize_axis(channel_axis, x.dim())])
@@ -522,9 +568,12 @@ def layer_norm(
     """Layer Normalization over the trailing ``normalized_shape`` dims, as
     ``torch.nn.functional.layer_norm``.
 
-    ``mask`` (bool, shape of the leading dims or broadcastable to x) marks valid rows;
-    padded rows are 0. For an SN-style layer norm over (C, H, W) with per-channel affine,
-    use :func:`group_norm` with one group.
+    ``mask`` (bool, the shape of the leading dims ``x.shape[:-len(normalized_shape)]``,
+    sizes 1 broadcast, e.g. ``(N, L)`` for ``(N, L, D)``) marks valid rows: padded rows
+    neither enter any statistic nor receive gradient, and their outputs are 0 (not
+    ``beta``). Rows are independent, so a valid row's output is the same as without a mask,
+    and NaN / inf in padded rows never leak. For an SN-style layer norm over (C, H, W)
+    with per-channel affine, use :func:`group_norm` with one group.
     """
     normalized_shape = tuple(normalized_shape)
     k = len(normalized_shape)
@@ -536,14 +585,13 @@ def layer_norm(
     _check_eps(eps)
     lead = x.shape[: x.dim() - k]
     rows = x.reshape(-1, 1, math.prod(normalized_shape))
-    row_mask = None
-    if mask is not None:
-        row_mask = mask.broadcast_to(lead).reshape(-1, 1)
+    valid_rows = None if mask is None else broadcast_mask(mask, lead, x.device, "the input's leading dims")
+    row_mask = None if valid_rows is None else valid_rows.reshape(-1, 1)
     y = normalize(rows, Mixer(("in",), eps, True, "in", None), channel_axis=1, mask=row_mask).reshape(x.shape)
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
     if row_mask is not None:
-        y = torch.where(mask.broadcast_to(lead).reshape(*lead, *([1] * k)), y, 0.0)
+        y = torch.where(valid_rows.reshape(*lead, *([1] * k)), y, 0.0)
     return y

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit import functional as F
-from normkit._base import NormBase
+from normkit._base import NormBase, check_input
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -72,7 +72,7 @@ class GroupNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        axis = NormBase._check_input(self, x)
+        axis = check_input(type(self).__name__, x, self.num_channels, self.axis)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, channel_axis=axis, mask=mask)
 
     def extra_repr(self) -> str:
@@ -95,8 +95,9 @@ class LayerNorm(nn.Module):
         bias: learnable ``beta`` too. Default: True.
 
     Shape:
-        - Input: ``(*, *normalized_shape)``; optional ``mask`` over the leading dims
-          (True = valid row; padded rows are 0).
+        - Input: ``(*, *normalized_shape)``; optional ``mask`` with the shape of the
+          leading dims (True = valid row; sizes 1 broadcast); padded rows are 0 and carry
+          no gradient.
         - Output: same shape as the input.
 
     Examples::
@@ -117,13 +118,8 @@ class LayerNorm(nn.Module):
         F._check_eps(eps)
         self.eps, self.elementwise_affine = eps, elementwise_affine
         factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory))
-            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-        if not (elementwise_affine and bias):
-            self.register_parameter("bias", None)
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if elementwise_affine and bias else None
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
