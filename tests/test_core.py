@@ -469,3 +469,39 @@ def test_errors_name_expected_and_received():
 def test_batch_norm_eval_with_single_value_is_fine():
     m = normkit.BatchNorm1d(3).eval()
     assert torch.isfinite(m(torch.randn(1, 3))).all()
+
+
+# --- functional ops and docstring examples ------------------------------------------------
+
+
+def test_functional_ops_match_torch(backend):
+    tf = torch.nn.functional
+    x = torch.randn(4, 6, 3, 5, dtype=torch.float64) * 2 + 1
+    w, b = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    rm1, rv1 = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    rm2, rv2 = rm1.clone(), rv1.clone()
+    F = normkit.functional
+    torch.testing.assert_close(
+        F.batch_norm(x, rm1, rv1, w, b, training=True, momentum=0.3),
+        tf.batch_norm(x, rm2, rv2, w, b, training=True, momentum=0.3),
+    )
+    torch.testing.assert_close(rv1, rv2)
+    torch.testing.assert_close(F.batch_norm(x, rm1, rv1, w, b), tf.batch_norm(x, rm2, rv2, w, b))
+    torch.testing.assert_close(F.group_norm(x, 3, w, b), tf.group_norm(x, 3, w, b))
+    torch.testing.assert_close(F.layer_norm(x, (3, 5)), tf.layer_norm(x, (3, 5)))
+    torch.testing.assert_close(F.instance_norm(x, weight=w, bias=b), tf.instance_norm(x, weight=w, bias=b))
+    m = F.moments(x + 1e4)
+    torch.testing.assert_close(m.var, (x + 1e4).var((2, 3), correction=0))
+    assert m.count.shape == (4, 1) and float(m.count[0]) == 15.0
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import normkit.batchnorm
+    import normkit.norms
+    import normkit.switchnorm
+
+    for module in (normkit.switchnorm, normkit.batchnorm, normkit.norms):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
