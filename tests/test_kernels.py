@@ -1,0 +1,327 @@
+"""The compiled CPU kernels (normkit/_cpu.py, normkit/csrc/norm_kernels.c).
+
+Each kernel is compared with a float64 reference written here; whole layers run with
+backend 'cpu' against backend 'reference' (outputs, every gradient, running statistics);
+gradcheck goes through the C mixer's closed-form backward; and a missing or broken
+compiler must leave normkit working on the reference path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+
+import pytest
+import torch
+
+import normkit
+from normkit import _fused
+
+cpu = pytest.importorskip("normkit._cpu", reason="no C compiler: the CPU kernels cannot be built")
+KERNELS = cpu.CPU_KERNELS
+
+# (shape, channel axis, memory format): NC* rows, channels_last 4-D/5-D, channels-last 3-D
+LAYOUTS = [
+    ((3, 5, 7, 11), 1, torch.contiguous_format),
+    ((3, 5, 7, 11), 1, torch.channels_last),
+    ((2, 3, 4, 5, 6), 1, torch.channels_last_3d),
+    ((4, 13, 6), 2, torch.contiguous_format),
+    ((1, 1, 1, 1), 1, torch.contiguous_format),  # N = C = L = 1
+    ((5, 3, 1, 1), 1, torch.channels_last),  # L = 1
+    ((1, 7, 17), 1, torch.contiguous_format),  # N = 1, primes
+    ((6, 4), 1, torch.contiguous_format),  # (N, C): no positions
+    ((2, 64, 300), 1, torch.contiguous_format),  # L > one accumulation block
+    ((2, 300, 33), 1, torch.contiguous_format),
+    ((2, 9, 9, 40), 3, torch.contiguous_format),  # channels-last with many positions
+]
+
+
+def _make(shape, fmt, dtype=torch.float32, offset=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + offset).to(dtype)
+    return x.contiguous(memory_format=fmt)
+
+
+def _ref_moments(x, axis):
+    """float64 two-pass per-(n, c) mean and biased variance."""
+    xd = x.double().movedim(axis, 1).reshape(x.shape[0], x.shape[axis], -1)
+    mean = xd.mean(-1)
+    var = ((xd - mean[..., None]) ** 2).mean(-1)
+    return mean, var
+
+
+def _bcast(stat, x, axis):
+    shape = [1] * x.dim()
+    shape[0], shape[axis] = stat.shape[0], stat.shape[-1]
+    return stat.reshape(shape)
+
+
+@pytest.mark.parametrize("shape,axis,fmt", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_match_float64_reference(shape, axis, fmt, dtype):
+    x = _make(shape, fmt, dtype, offset=3.0)
+    assert KERNELS.supports(x, axis)
+    n, c = shape[0], shape[axis]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+
+    mean, var = KERNELS.moments(x, axis)
+    ref_mean, ref_var = _ref_moments(x, axis)
+    assert mean.shape == (n, c) and mean.dtype == stat and var.dtype == stat
+    torch.testing.assert_close(mean.double(), ref_mean, **tol)
+    torch.testing.assert_close(var.double(), ref_var, **tol)
+
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(n, c, generator=g, dtype=stat)
+    scale = torch.randn(n, c, generator=g, dtype=stat)
+    shift = torch.randn(c, generator=g, dtype=stat)
+    y = KERNELS.apply(x, mu, scale, shift, axis)
+    ref_y = (x.double() - _bcast(mu.double(), x, axis)) * _bcast(scale.double(), x, axis) + _bcast(
+        shift.double()[None], x, axis
+    )
+    assert y.dtype == dtype and y.stride() == x.stride()
+    torch.testing.assert_close(y.double(), ref_y, **tol)
+
+    dy = _make(shape, fmt, dtype, seed=2)
+    sum_dy, sum_dy_xc = KERNELS.reduce(dy, x, mean, axis)
+    dims = [d for d in range(x.dim()) if d not in (0, axis)]
+    xc = x.double() - _bcast(mean.double(), x, axis)
+    ref_a = dy.double().sum(dims).reshape(n, c) if dims else dy.double()
+    ref_b = (dy.double() * xc).sum(dims).reshape(n, c) if dims else dy.double() * xc
+    torch.testing.assert_close(sum_dy.double(), ref_a, **tol)
+    torch.testing.assert_close(sum_dy_xc.double(), ref_b, **tol)
+
+    p = torch.randn(n, c, generator=g, dtype=stat)
+    q = torch.randn(n, c, generator=g, dtype=stat)
+    dx = KERNELS.backward_apply(dy, x, mean, scale, p, q, axis)
+    ref_dx = dy.double() * _bcast(scale.double(), x, axis) + xc * _bcast(q.double(), x, axis) + _bcast(
+        p.double(), x, axis
+    )
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    torch.testing.assert_close(dx.double(), ref_dx, **tol)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_moments_keep_digits_under_a_large_offset(fmt):
+    """1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 in float would lose every digit."""
+    x = _make((4, 6, 33, 35), fmt, torch.float32, offset=1e4)
+    mean, var = KERNELS.moments(x, 1)
+    ref_mean, ref_var = _ref_moments(x, 1)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
+
+
+def test_float64_moments_keep_digits_under_a_huge_offset():
+    x = _make((2, 3, 50), torch.contiguous_format, torch.float64, offset=1e9)
+    mean, var = KERNELS.moments(x, 1)
+    ref_mean, ref_var = _ref_moments(x, 1)
+    torch.testing.assert_close(var, ref_var, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_half_precision_kernels_use_float32_statistics(dtype, fmt):
+    if not KERNELS.supports(torch.zeros(1, 1, dtype=dtype), 1):
+        pytest.skip(f"{dtype} kernels not built by this compiler")
+    x = _make((3, 8, 9, 10), fmt, dtype, offset=2.0)
+    mean, var = KERNELS.moments(x, 1)
+    ref_mean, ref_var = _ref_moments(x, 1)
+    assert mean.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
+    ones, zeros = torch.ones(3, 8), torch.zeros(8)
+    y = KERNELS.apply(x, mean, ones, zeros, 1)
+    ref = (x.double() - _bcast(ref_mean, x, 1)).to(dtype)  # one rounding to the input dtype
+    assert y.dtype == dtype and y.stride() == x.stride()
+    torch.testing.assert_close(y, ref, rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
+
+
+def test_supports_rejects_what_it_cannot_run():
+    x = torch.randn(2, 3, 4, 5)
+    assert not KERNELS.supports(x.transpose(2, 3), 1)  # neither (N, C, L) nor (N, L, C)
+    assert not KERNELS.supports(x[:, :, ::2], 1)
+    assert not KERNELS.supports(x.to(torch.int32), 1)
+    assert not KERNELS.supports(x, 0)
+    assert KERNELS.supports(x.permute(0, 2, 3, 1).contiguous(), 3)
+
+
+# ---- whole layers, backend 'cpu' against backend 'reference' -------------------------------
+
+LAYERS = {
+    "sn": lambda c: normkit.SwitchNorm2d(c),
+    "sn_gn": lambda c: normkit.SwitchNorm2d(c, sources=("in", "ln", "bn", "gn2")),
+    "sn_in_ln": lambda c: normkit.SwitchNorm2d(c, sources=("in", "ln")),
+    "sn_no_affine": lambda c: normkit.SwitchNorm2d(c, affine=False),
+    "bn": lambda c: normkit.BatchNorm2d(c),
+    "gn": lambda c: normkit.GroupNorm(2, c),
+    "in": lambda c: normkit.InstanceNorm2d(c, affine=True, track_running_stats=True),
+}
+
+
+def _run_layer(name, backend, x, dy, fmt, dtype):
+    layer = LAYERS[name](x.shape[1]).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p_ in layer.parameters():
+            p_.copy_(torch.randn(p_.shape, generator=g, dtype=torch.float64))
+    outs = []
+    with normkit.use_backend(backend):
+        for step in range(2):  # two steps: running statistics move twice
+            xx = x.clone().requires_grad_()
+            y = layer(xx)
+            y.backward(dy)
+            if step == 0:
+                outs += [y, xx.grad] + [p_.grad.clone() for p_ in layer.parameters()]
+        outs += [b.clone() for b in layer.buffers() if b.is_floating_point()]
+        layer.eval()
+        outs.append(layer(x))
+    return outs, y
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_layers_match_reference_path(name, fmt):
+    x = _make((4, 6, 5, 7), fmt, torch.float64, offset=1.0)
+    dy = _make((4, 6, 5, 7), torch.contiguous_format, torch.float64, seed=5)  # other layout than x
+    ref, _ = _run_layer(name, "reference", x, dy, fmt, torch.float64)
+    got, y = _run_layer(name, "cpu", x, dy, fmt, torch.float64)
+    assert "_CpuNorm" in type(y.grad_fn).__name__  # really ran the compiled path
+    assert y.stride() == x.stride()
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_layers_match_reference_path():
+    x = _make((8, 16, 9, 9), torch.channels_last, torch.float32, offset=100.0)
+    dy = _make((8, 16, 9, 9), torch.channels_last, torch.float32, seed=3)
+    ref, _ = _run_layer("sn_gn", "reference", x.double(), dy.double(), None, torch.float64)
+    got, _ = _run_layer("sn_gn", "cpu", x, dy, None, torch.float32)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_axis_and_expanded_grad():
+    sn = normkit.SwitchNorm1d(5, axis=-1).double()
+    x = torch.randn(3, 11, 5, dtype=torch.float64)
+    with normkit.use_backend("reference"):
+        xr = x.clone().requires_grad_()
+        sn(xr).sum().backward()
+    xc = x.clone().requires_grad_()
+    with normkit.use_backend("cpu"):
+        y = sn(xc)
+        y.sum().backward()  # dy is an expanded (stride-0) tensor
+    assert "_CpuNorm" in type(y.grad_fn).__name__
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_frozen_and_eval_modes_read_running_statistics():
+    bn = normkit.SwitchNorm2d(4).double().eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    grads = []
+    for backend in ("reference", "cpu"):
+        xx = x.clone().requires_grad_()
+        with normkit.use_backend(backend):
+            y = bn(xx)
+        (y * y).sum().backward()
+        grads.append((y, xx.grad, bn.mean_logits.grad.clone()))
+        bn.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_through_c_mixer():
+    sn = normkit.SwitchNorm2d(4, sources=("in", "ln", "bn", "gn2")).double()
+    with torch.no_grad():
+        sn.mean_logits.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        sn.var_logits.copy_(torch.tensor([-0.1, 0.4, 0.0, 0.2]))
+        sn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    params = (sn.weight, sn.bias, sn.mean_logits, sn.var_logits)
+
+    def f(x, w, b, ml, vl):
+        return normkit.functional.switch_norm(x, None, None, w, b, ml, vl, sn.sources, training=True)
+
+    with normkit.use_backend("cpu"):
+        assert "_CpuNorm" in type(f(x, *params).grad_fn).__name__
+        assert torch.autograd.gradcheck(f, (x, *params))
+        # double backward goes through the reference graph
+        assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+def test_large_input_uses_threads_and_matches():
+    x = _make((4, 32, 40, 40), torch.contiguous_format, torch.float32, offset=5.0)
+    mean, var = KERNELS.moments(x, 1)
+    ref_mean, ref_var = _ref_moments(x, 1)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    mean_l, var_l = KERNELS.moments(xl, 1)
+    torch.testing.assert_close(mean_l, mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var_l, var, rtol=1e-5, atol=1e-5)
+
+
+# ---- building ------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_cpu_module(monkeypatch, tmp_path):
+    """Re-import normkit._cpu against an empty cache; restore the loaded module afterwards."""
+    monkeypatch.setenv("NORMKIT_CACHE", str(tmp_path / "cache"))
+    saved_module, saved_loaded = sys.modules.get("normkit._cpu"), dict(_fused._loaded)
+    sys.modules.pop("normkit._cpu", None)
+    _fused._loaded.clear()
+    yield
+    sys.modules["normkit._cpu"] = saved_module
+    _fused._loaded.clear()
+    _fused._loaded.update(saved_loaded)
+
+
+def test_missing_compiler_falls_back_to_reference(fresh_cpu_module, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(ImportError, match="need a C compiler"):
+        importlib.import_module("normkit._cpu")
+    sys.modules.pop("normkit._cpu", None)
+    assert _fused._load("cpu") is None
+    x = torch.randn(2, 3, 4, 4)
+    assert _fused.select_kernels(x, 1, None) is None
+    y = normkit.SwitchNorm2d(3)(x)  # still works, on the reference path
+    assert y.grad_fn is not None and "_CpuNorm" not in type(y.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="'cpu' kernels are not available"):
+        normkit.set_backend("cpu")
+
+
+def test_failing_compiler_raises_import_error(fresh_cpu_module, monkeypatch, tmp_path):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.raises(ImportError, match="this compiler is broken"):
+        importlib.import_module("normkit._cpu")
+    sys.modules.pop("normkit._cpu", None)
+    assert _fused._load("cpu") is None
+
+
+@pytest.mark.slow
+def test_concurrent_first_builds_share_one_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("NORMKIT_CACHE", str(tmp_path))
+    paths, errors = [], []
+
+    def build():
+        try:
+            paths.append(cpu.library_path())
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.suffix != ".lock") == [".so"]  # no leftovers
