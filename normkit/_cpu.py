@@ -165,6 +165,17 @@ class _Fns:
 
 
 _FNS = {dtype: _Fns(sfx) for dtype, sfx in _SUFFIX.items()}
+# the whole layer, one call per direction (see nk_layer_forward / nk_layer_backward)
+_LAYER_FWD = {
+    dtype: _bind(f"nk_layer_forward_{sfx}", _INT,
+                 [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _INT, _DBL, _P, _P, _INT])
+    for dtype, sfx in _SUFFIX.items()
+}
+_LAYER_BWD = {
+    dtype: _bind(f"nk_layer_backward_{sfx}", _INT,
+                 [_INT, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 6 + [_DBL] + [_P] * 4 + [_INT])
+    for dtype, sfx in _SUFFIX.items()
+}
 _STAT_SFX = {torch.float32: "f32", torch.float64: "f64"}
 _MIX_FWD = {
     s: _bind(f"nk_mix_forward_{s}", _INT, [_I64, _I64, _INT, _P, _P, _INT] + [_P] * 8 + [_DBL] + [_P] * 5)
@@ -308,11 +319,14 @@ class _Spec(NamedTuple):
     plan: tuple
     running_mean: Optional[Tensor]  # only when the mixer reads them (eval)
     running_var: Optional[Tensor]
-    tracked: list  # receives the batch statistics to move the running averages with
+    track: int  # 0: no running statistics move; 1: the BN source's; 2: the IN source's
+    update: Optional[tuple]  # (momentum, running_mean, running_var) updated in C, else None
+    tracked: list  # receives the statistics buffer when the running averages move in Python
 
 
 class _CpuNorm(torch.autograd.Function):
-    """One normalization layer: moments, C mixer, apply; backward: reduce, C mixer, dx.
+    """One normalization layer in one C call per direction: moments, C mixer, apply (and
+    the running averages); backward: reduce, C mixer backward, dx.
 
     Statistics live in one buffer ``stats`` of 4 (N, C) rows (mean, var, mu, scale) and 3
     (C,) rows (shift, batch mean, batch var), addressed by offset: a Python view per
@@ -322,32 +336,20 @@ class _CpuNorm(torch.autograd.Function):
     def forward(ctx, x, spec, weight, bias, mean_logits, var_logits):  # type: ignore[override]
         nlc, n, c, length = spec.layout
         dtype = stat_dtype(x.dtype)
-        fns = _FNS[x.dtype]
         kinds, groups, const_mask = spec.plan
         mixer = spec.mixer
-        threads = torch.get_num_threads()
-        nc = n * c
-        stats = torch.empty(4 * nc + 3 * c, dtype=dtype)
-        base, item = stats.data_ptr(), stats.element_size()
-        mean, var, mu, scale = (base + i * nc * item for i in range(4))
-        shift, bn_mean, bn_var = (base + (4 * nc + i * c) * item for i in range(3))
-        if mixer.needs_input_moments:
-            _check(fns.moments(nlc, x.data_ptr(), n, c, length, mean, var, threads), "moments")
-        else:
-            stats[: 2 * nc].zero_()
-        w, b, ml, vl, rm, rv = (_small(t, dtype) for t in (weight, bias, mean_logits, var_logits,
-                                                          spec.running_mean, spec.running_var))
-        _check(_MIX_FWD[_STAT_SFX[dtype]](
-            n, c, len(mixer.sources), kinds, groups, const_mask, mean, var, _ptr(ml), _ptr(vl), _ptr(rm), _ptr(rv),
-            _ptr(w), _ptr(b), mixer.eps, mu, scale, shift, bn_mean, bn_var), "mixer")
-        if mixer.use_batch_stats and "bn" in mixer.sources:
-            spec.tracked.append((0, n * length, stats, 4 * nc + c))  # (per_sample, count, buffer, offset)
-        elif mixer.use_batch_stats and mixer.running_source == "in":
-            spec.tracked.append((1, length, stats, 0))
-        else:
-            spec.tracked.append(None)
+        stats = torch.empty(4 * n * c + 3 * c, dtype=dtype)
+        keep = [_small(t, dtype) for t in (mean_logits, var_logits, spec.running_mean, spec.running_var, weight,
+                                           bias)]  # converted copies must live through the call
+        ml, vl, rm, rv, w, b = (None if t is None else t.data_ptr() for t in keep)
         y = torch.empty_like(x)
-        fns.apply(nlc, x.data_ptr(), y.data_ptr(), n, c, length, mu, scale, shift, threads)
+        momentum, run_mean, run_var = spec.update or (0.0, None, None)
+        _check(_LAYER_FWD[x.dtype](
+            nlc, x.data_ptr(), y.data_ptr(), n, c, length, len(mixer.sources), kinds, groups, const_mask,
+            mixer.needs_input_moments, stats.data_ptr(), ml, vl, rm, rv, w, b, mixer.eps, spec.track, momentum,
+            _ptr(run_mean), _ptr(run_var), torch.get_num_threads()), "forward")
+        if spec.track and spec.update is None:
+            spec.tracked.append(stats)
         ctx.spec = spec
         ctx.save_for_backward(x, stats, weight, bias, mean_logits, var_logits)
         return y
@@ -362,33 +364,22 @@ class _CpuNorm(torch.autograd.Function):
         kinds, groups, const_mask = spec.plan
         k = len(spec.mixer.sources)
         dtype = stats.dtype
-        w, ml, vl, rm, rv = (_small(t, dtype) for t in (weight, mean_logits, var_logits, spec.running_mean,
-                                                        spec.running_var))
-        fns = _FNS[x.dtype]
-        threads = torch.get_num_threads()
+        keep = [_small(t, dtype) for t in (mean_logits, var_logits, spec.running_mean, spec.running_var, weight)]
+        ml, vl, rm, rv, w = (None if t is None else t.data_ptr() for t in keep)
         dy = _matching(dy, x, nlc, spec.axis)
-        nc = n * c
-        base, item = stats.data_ptr(), stats.element_size()
-        mean, var, scale = base, base + nc * item, base + 3 * nc * item
         need = ctx.needs_input_grad
         sizes = (c, c, k, k)  # weight, bias, mean_logits, var_logits
-        work = torch.empty(4 * nc + sum(s for s, want in zip(sizes, need[2:6]) if want), dtype=dtype)
-        wbase = work.data_ptr()
-        a, bsum, p, q = (wbase + i * nc * item for i in range(4))
-        _check(fns.reduce(nlc, dy.data_ptr(), x.data_ptr(), n, c, length, mean, a, bsum, threads), "reduce")
-        grads, ptrs, offset = [], [], 4 * nc
+        work = torch.empty(sum(s for s, want in zip(sizes, need[2:6]) if want) or 1, dtype=dtype)
+        wbase, item = work.data_ptr(), work.element_size()
+        grads, ptrs, offset = [], [], 0
         for size, want in zip(sizes, need[2:6]):
             grads.append(work[offset: offset + size] if want else None)
             ptrs.append(wbase + offset * item if want else None)
             offset += size if want else 0
-        _check(_MIX_BWD[_STAT_SFX[dtype]](
-            n, c, length, k, kinds, groups, const_mask, mean, var, _ptr(ml), _ptr(vl), _ptr(rm), _ptr(rv), _ptr(w),
-            spec.mixer.eps, a, bsum, p, q, *ptrs), "mixer backward")
-        dx = None
-        if need[0]:
-            dx = torch.empty_like(x)
-            fns.backward_apply(nlc, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, mean, scale, p, q,
-                               threads)
+        dx = torch.empty_like(x) if need[0] else None
+        _check(_LAYER_BWD[x.dtype](
+            nlc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, length, k, kinds, groups, const_mask,
+            stats.data_ptr(), ml, vl, rm, rv, w, spec.mixer.eps, *ptrs, torch.get_num_threads()), "backward")
         for i, (g, owner) in enumerate(zip(grads, (weight, bias, mean_logits, var_logits))):
             if g is not None and g.dtype != owner.dtype:
                 grads[i] = g.to(owner.dtype)
@@ -419,30 +410,32 @@ def _fused(
     plan = _mixer_plan(mixer)
     if plan is None:
         return None
-    weight, bias, mean_logits, var_logits, rmean, rvar = small
-    if mixer.use_batch_stats:  # running statistics are not read here; normalize() updates them
+    weight, bias, mean_logits, var_logits, running_mean, running_var = small
+    rmean, rvar = running_mean, running_var
+    if mixer.use_batch_stats:  # running statistics are not read here, only updated
         rmean = rvar = None
     elif plan[2] and (rmean is None or rvar is None):
         return None
     if len(mixer.sources) == 1:
         mean_logits = var_logits = None
     layout = _layout(x, axis)
-    spec = _Spec(layout, axis, mixer, plan, rmean, rvar, [])
+    track = 0
+    if mixer.use_batch_stats and running_mean is not None and running_var is not None:
+        track = 1 if "bn" in mixer.sources else 2 if mixer.running_source == "in" else 0
+    update = None
+    if track and (running_mean.dtype == running_var.dtype == stat_dtype(x.dtype) and running_mean.is_contiguous()
+                  and running_var.is_contiguous()):
+        update = (float(momentum), running_mean, running_var)
+    spec = _Spec(layout, axis, mixer, plan, rmean, rvar, track, update, [])
     y = _CpuNorm.apply(x, spec, weight, bias, mean_logits, var_logits)
-    running_mean, running_var = small[4], small[5]
-    if spec.tracked[0] is None or running_mean is None or running_var is None:
+    if not spec.tracked:
         return y, None
-    per_sample, count, stats, offset = spec.tracked[0]
-    n, c = layout[1], layout[2]
-    rows = n if per_sample else 1
-    mean, var = stats[offset: offset + rows * c].view(rows, c), stats[offset + rows * c: offset + 2 * rows * c].view(
-        rows, c)
-    if (running_mean.dtype == running_var.dtype == stats.dtype and running_mean.is_contiguous()
-            and running_var.is_contiguous()):
-        _RUNNING[_STAT_SFX[stats.dtype]](n, c, count, per_sample, mean.data_ptr(), var.data_ptr(), float(momentum),
-                                         running_mean.data_ptr(), running_var.data_ptr())
-        return y, None
-    return y, Moments(torch.full((rows, 1 if per_sample else c), float(count), dtype=stats.dtype), mean, var)
+    stats = spec.tracked[0]  # running statistics of another dtype: normalize() moves them
+    n, c, length = layout[1], layout[2], layout[3]
+    rows, offset, count = (1, 4 * n * c + c, n * length) if track == 1 else (n, 0, length)
+    mean = stats[offset: offset + rows * c].view(rows, c)
+    var = stats[offset + rows * c: offset + 2 * rows * c].view(rows, c)
+    return y, Moments(torch.full((rows, 1 if track == 2 else c), float(count), dtype=stats.dtype), mean, var)
 
 
 CPU_KERNELS = KernelSet("cpu", _supports, _moments, _apply, _reduce, _backward_apply, _fused)

@@ -590,3 +590,63 @@ DEFINE_MIXER(f64, double)
 
 DEFINE_RUNNING(f32, float)
 DEFINE_RUNNING(f64, double)
+
+/* ---- whole layer in one call per direction ---------------------------------------------
+ * Forward: moments (unless every statistic is a running one), mixer, apply, and the running
+ * averages (track: 0 none, 1 the BN source's (C) batch statistics over N*L values, 2 the
+ * IN moments averaged over samples); backward: reduce, mixer backward, dx. One foreign call
+ * per direction keeps the per-layer overhead at a few microseconds. stats holds mean, var,
+ * mu, scale (N*C each), then shift, batch mean, batch var (C each).
+ */
+#define DEFINE_LAYER(SFX, T, S, MS)                                                             \
+    NK_API int nk_layer_forward_##SFX(int nlc, const T *x, T *y, i64 N, i64 C, i64 L, int K,    \
+                                      const int *kinds, const i64 *groups, int const_mask,      \
+                                      int need_moments, S *stats, const S *ml, const S *vl,     \
+                                      const S *rm, const S *rv, const S *w, const S *b,         \
+                                      double eps, int track, double momentum, S *run_mean,      \
+                                      S *run_var, int nt) {                                     \
+        const i64 nc = N * C;                                                                   \
+        S *mean = stats, *var = stats + nc, *mu = var + nc, *scale = mu + nc;                   \
+        S *shift = scale + nc, *bn_mean = shift + C, *bn_var = bn_mean + C;                     \
+        int code = 0;                                                                           \
+        if (need_moments) {                                                                     \
+            code = nk_moments_##SFX(nlc, x, N, C, L, mean, var, nt);                            \
+            if (code) return code;                                                              \
+        } else {                                                                                \
+            memset(stats, 0, sizeof(S) * (size_t)(2 * nc));                                    \
+        }                                                                                       \
+        code = nk_mix_forward_##MS(N, C, K, kinds, groups, const_mask, mean, var, ml, vl, rm,   \
+                                   rv, w, b, eps, mu, scale, shift, bn_mean, bn_var);           \
+        if (code) return code;                                                                  \
+        nk_apply_##SFX(nlc, x, y, N, C, L, mu, scale, shift, nt);                               \
+        if (track == 1 && run_mean)                                                             \
+            nk_update_running_##MS(N, C, N * L, 0, bn_mean, bn_var, momentum, run_mean, run_var); \
+        else if (track == 2 && run_mean)                                                        \
+            nk_update_running_##MS(N, C, L, 1, mean, var, momentum, run_mean, run_var);         \
+        return 0;                                                                               \
+    }                                                                                           \
+    NK_API int nk_layer_backward_##SFX(int nlc, const T *dy, const T *x, T *dx, i64 N, i64 C,   \
+                                       i64 L, int K, const int *kinds, const i64 *groups,       \
+                                       int const_mask, const S *stats, const S *ml,             \
+                                       const S *vl, const S *rm, const S *rv, const S *w,       \
+                                       double eps, S *dgamma, S *dbeta, S *dml, S *dvl, int nt) { \
+        const i64 nc = N * C;                                                                   \
+        const S *mean = stats, *var = stats + nc, *scale = stats + 3 * nc;                      \
+        S *work = (S *)malloc(sizeof(S) * (size_t)(4 * nc));                                    \
+        if (!work) return -1;                                                                   \
+        S *A = work, *B = A + nc, *p = B + nc, *q = p + nc;                                     \
+        int code = nk_reduce_##SFX(nlc, dy, x, N, C, L, mean, A, B, nt);                        \
+        if (!code)                                                                              \
+            code = nk_mix_backward_##MS(N, C, L, K, kinds, groups, const_mask, mean, var, ml,   \
+                                        vl, rm, rv, w, eps, A, B, p, q, dgamma, dbeta, dml, dvl); \
+        if (!code && dx) nk_backward_apply_##SFX(nlc, dy, x, dx, N, C, L, mean, scale, p, q, nt); \
+        free(work);                                                                             \
+        return code;                                                                            \
+    }
+
+DEFINE_LAYER(f32, float, float, f32)
+DEFINE_LAYER(f64, double, double, f64)
+DEFINE_LAYER(bf16, uint16_t, float, f32)
+#if NK_HAS_HALF
+DEFINE_LAYER(f16, half_t, float, f32)
+#endif
