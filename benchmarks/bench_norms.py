@@ -11,8 +11,9 @@ For each shape and memory format, times (median wall clock, training mode, autog
 forward and forward+backward, with ratios to ``nn.BatchNorm2d``, effective bandwidth
 (``2 * bytes(x)`` forward, ``5 * bytes(x)`` forward+backward: x in, y out; x and dy in,
 dx out) next to a same-size copy timed in the same run, and the peak memory of one
-training step (see :func:`peak_step_bytes`). Variants are timed round-robin, so load
-changes on the machine hit all of them alike.
+training step (see :func:`peak_step_bytes`). Variants are timed round-robin in a fresh
+(seeded) order every repetition, so load changes on the machine and allocator effects of
+the previous variant hit all of them alike.
 
 Usage::
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -128,8 +130,14 @@ def run_shape(shape, fmt_name: str, reps: int, compile_sn: bool, memory: bool) -
         for _ in range(2):
             fn()
     times: dict = {key: [] for key in work}
+    # A fresh order every repetition: the variant timed right after a large free (naive SN
+    # releases ~20 temporaries) pays for glibc returning memory to the OS and faulting it
+    # back in; a fixed order would always charge that to the same variant (~0.2-0.4 ms).
+    order = list(work.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(reps):
-        for key, fn in work.items():
+        shuffle(order)
+        for key, fn in order:
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)

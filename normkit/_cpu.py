@@ -6,7 +6,9 @@ releases the GIL during each call. It provides the four full-size loops of
 :class:`normkit._fused.KernelSet` for channels-first ``(N, C, L)`` and channels-last
 ``(N, L, C)`` memory, float32 / float64 / bfloat16 / float16, and the O(N*C) Switchable
 Normalization mixer (Luo et al., ICLR 2019) with its closed-form backward, so that a whole
-SN / BN / GN / IN layer costs four passes over memory plus a few microseconds of Python.
+SN / BN / GN / IN layer costs four passes over memory plus a few microseconds of Python: one
+foreign call per direction (``nk_layer_forward``: moments, mixer, apply, running averages;
+``nk_layer_backward``: reduce, mixer backward, dx).
 
 Build: any C compiler (``$CC``, else ``cc``/``gcc``/``clang``); ``-O3 -march=native
 -fopenmp -fno-math-errno`` (no ``-ffast-math``) (``-march=native`` is dropped when ``NORMKIT_NATIVE=0``; the cache key holds the
@@ -175,20 +177,6 @@ _LAYER_BWD = {
     dtype: _bind(f"nk_layer_backward_{sfx}", _INT,
                  [_INT, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 6 + [_DBL] + [_P] * 4 + [_INT])
     for dtype, sfx in _SUFFIX.items()
-}
-_STAT_SFX = {torch.float32: "f32", torch.float64: "f64"}
-_MIX_FWD = {
-    s: _bind(f"nk_mix_forward_{s}", _INT, [_I64, _I64, _INT, _P, _P, _INT] + [_P] * 8 + [_DBL] + [_P] * 5)
-    for s in ("f32", "f64")
-}
-_MIX_BWD = {
-    s: _bind(f"nk_mix_backward_{s}", _INT, [_I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 7 + [_DBL] + [_P] * 8)
-    for s in ("f32", "f64")
-}
-
-
-_RUNNING = {
-    s: _bind(f"nk_update_running_{s}", None, [_I64, _I64, _I64, _INT, _P, _P, _DBL, _P, _P]) for s in ("f32", "f64")
 }
 
 

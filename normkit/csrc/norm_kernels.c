@@ -306,6 +306,11 @@ NK_API int nk_has_half(void) { return NK_HAS_HALF; }
  */
 #define MAX_SOURCES 16
 
+/* The mixer's O(N*C) sums are in double, where rounding order is immaterial; letting the
+   compiler reassociate them (this section only) turns latency-bound serial sums into SIMD. */
+#pragma GCC push_options
+#pragma GCC optimize("associative-math", "no-signed-zeros", "no-trapping-math")
+
 typedef struct {
     int kind;
     i64 groups, stride; /* GN: group count, channels per group */
@@ -411,6 +416,21 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
             /* equal-count merge: mean of means, mean of (var + (mean - merged)^2) */           \
             memset(s->m, 0, sizeof(double) * (size_t)(2 * s->size));                            \
             const double inv = 1.0 / (double)(s->kind == 1 ? C : s->kind == 2 ? N : s->stride);  \
+            if (s->kind == 1) { /* one sum per sample: in registers, not through memory */      \
+                for (i64 n = 0; n < N; n++) {                                                   \
+                    const S *mr = mean + n * C, *vr = var + n * C;                              \
+                    double a = 0.0, b = 0.0;                                                    \
+                    _Pragma("omp simd reduction(+ : a)") for (i64 c = 0; c < C; c++) a += (double)mr[c]; \
+                    a *= inv;                                                                   \
+                    _Pragma("omp simd reduction(+ : b)") for (i64 c = 0; c < C; c++) {         \
+                        double d = (double)mr[c] - a;                                           \
+                        b += (double)vr[c] + d * d;                                             \
+                    }                                                                           \
+                    s->m[n] = a;                                                                \
+                    s->v[n] = b * inv;                                                          \
+                }                                                                               \
+                continue;                                                                       \
+            }                                                                                   \
             FOR_SOURCE(s, N, C, s->m[j] += (double)mean[i];);                                   \
             for (i64 j = 0; j < s->size; j++) s->m[j] *= inv;                                   \
             FOR_SOURCE(s, N, C, double d = (double)mean[i] - s->m[j];                           \
@@ -543,7 +563,20 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
             const double inv = 1.0 / (double)(s->kind == 1 ? C : s->kind == 2 ? N : s->stride);  \
             double *sm = sums, *sv = sums + s->size;                                            \
             memset(sums, 0, sizeof(double) * (size_t)(2 * s->size));                            \
-            FOR_SOURCE(s, N, C, sm[j] += Gm[i]; sv[j] += Gv[i];);                               \
+            if (s->kind == 1) { /* one sum per sample: in registers, not through memory */      \
+                for (i64 n = 0; n < N; n++) {                                                   \
+                    double a1 = 0.0, a2 = 0.0;                                                  \
+                    const double *gm = Gm + n * C, *gv = Gv + n * C;                            \
+                    _Pragma("omp simd reduction(+ : a1, a2)") for (i64 c = 0; c < C; c++) {    \
+                        a1 += gm[c];                                                            \
+                        a2 += gv[c];                                                            \
+                    }                                                                           \
+                    sm[n] = a1;                                                                 \
+                    sv[n] = a2;                                                                 \
+                }                                                                               \
+            } else {                                                                            \
+                FOR_SOURCE(s, N, C, sm[j] += Gm[i]; sv[j] += Gv[i];);                           \
+            }                                                                                   \
             for (i64 j = 0; j < s->size; j++) {                                                 \
                 sm[j] *= a * inv;                                                               \
                 sv[j] *= b * inv;                                                               \
@@ -562,6 +595,7 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
 
 DEFINE_MIXER(f32, float)
 DEFINE_MIXER(f64, double)
+#pragma GCC pop_options
 
 /* ---- running statistics ---------------------------------------------------------------
  * PyTorch's convention: r += momentum * (batch - r), with the unbiased batch variance.
