@@ -208,7 +208,7 @@ def summary(rows: list[dict]) -> str:
         if all("peak_step_over_x" in r for r in sn):
             ref = {tuple(r["shape"]): r for r in pick(REFERENCE, fmt)}
             out.append(
-                f"  peak step memory, SN / nn.BatchNorm2d: "
+                "  peak step memory, SN / nn.BatchNorm2d: "
                 + ", ".join(
                     f"{r['peak_step_bytes'] / ref[tuple(r['shape'])]['peak_step_bytes']:.2f}" for r in sn
                 )

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from normkit import functional as F
 from normkit.functional import _check_eps, _check_momentum, normalize_axis
 
 __all__ = ["NormBase", "check_input"]
@@ -50,6 +51,7 @@ class NormBase(nn.Module):
     _version = 2  # 2: num_batches_tracked present (same meaning as torch's _NormBase)
     _ranks: tuple[int, ...] = ()
     _layout: str = "(N, C, ...)"
+    _needs_two_values = False  # torch's BatchNorm raises on one value per channel in training
 
     def __init__(
         self,
@@ -145,6 +147,38 @@ class NormBase(nn.Module):
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return None
         return self.process_group
+
+    def _run(
+        self,
+        x: Tensor,
+        mask: Optional[Tensor],
+        sources: tuple[str, ...],
+        running_source: str = "bn",
+        mean_logits: Optional[Tensor] = None,
+        var_logits: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The forward every batch-statistics layer shares: check, pick statistics, normalize."""
+        axis = self._check_input(x)
+        use_batch, factor = self._batch_stats_and_factor()
+        group = self._sync_group() if "bn" in sources else None
+        if self._needs_two_values and use_batch and mask is None and group is None and x.numel() // x.shape[axis] == 1:
+            raise ValueError(
+                f"{type(self).__name__} needs more than 1 value per channel when training, "
+                f"got input of shape {tuple(x.shape)}; use a batch of 2 or more, eval(), or frozen=True"
+            )
+        return F.normalize(
+            x,
+            F.Mixer(sources, self.eps, use_batch, running_source, group),
+            self.weight,
+            self.bias,
+            mean_logits,
+            var_logits,
+            self.running_mean,
+            self.running_var,
+            factor,
+            axis,
+            mask,
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"

@@ -19,7 +19,6 @@ first use, see :mod:`normkit._cpu`), ``triton`` (CUDA, see :mod:`normkit._triton
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Callable, Iterator, NamedTuple, Optional
 

@@ -8,12 +8,10 @@ statistics, masks for padded positions and statistics synchronised across proces
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from torch import Tensor
 
-from normkit import functional as F
 from normkit._base import NormBase
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -62,26 +60,10 @@ class _BatchNorm(NormBase):
         torch.Size([8, 16, 5, 5])
     """
 
+    _needs_two_values = True
+
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        axis = self._check_input(x)
-        use_batch, factor = self._batch_stats_and_factor()
-        group = self._sync_group()
-        if use_batch and mask is None and group is None and x.numel() // x.shape[axis] == 1:
-            raise ValueError(
-                f"{type(self).__name__} needs more than 1 value per channel when training, "
-                f"got input of shape {tuple(x.shape)}; use a batch of 2 or more, eval(), or frozen=True"
-            )
-        return F.normalize(
-            x,
-            F.Mixer(("bn",), self.eps, use_batch, "bn", group),
-            self.weight,
-            self.bias,
-            running_mean=self.running_mean,
-            running_var=self.running_var,
-            momentum=factor,
-            channel_axis=axis,
-            mask=mask,
-        )
+        return self._run(x, mask, ("bn",))
 
 
 class BatchNorm1d(_BatchNorm):

@@ -21,7 +21,7 @@ from torch import nn
 
 from normkit.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normkit.norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, _InstanceNorm
-from normkit.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, _SwitchNorm
+from normkit.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
 
 __all__ = ["create_norm", "convert", "NORM_NAMES"]
 

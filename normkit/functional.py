@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -167,19 +167,7 @@ class _InstanceNorm(NormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        axis = self._check_input(x)
-        use_batch, factor = self._batch_stats_and_factor()
-        return F.normalize(
-            x,
-            F.Mixer(("in",), self.eps, use_batch, "in", None),
-            self.weight,
-            self.bias,
-            running_mean=self.running_mean,
-            running_var=self.running_var,
-            momentum=factor,
-            channel_axis=axis,
-            mask=mask,
-        )
+        return self._run(x, mask, ("in",), running_source="in")
 
 
 class InstanceNorm1d(_InstanceNorm):

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
 __all__ = ["load_official_switchnorm", "official_sources"]

@@ -126,21 +126,7 @@ class _SwitchNorm(NormBase):
         return torch.softmax(self.var_logits, 0)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        axis = self._check_input(x)
-        use_batch, factor = self._batch_stats_and_factor()
-        return F.normalize(
-            x,
-            F.Mixer(self.sources, self.eps, use_batch, "bn", self._sync_group() if "bn" in self.sources else None),
-            self.weight,
-            self.bias,
-            self.mean_logits,
-            self.var_logits,
-            self.running_mean,
-            self.running_var,
-            factor,
-            axis,
-            mask,
-        )
+        return self._run(x, mask, self.sources, mean_logits=self.mean_logits, var_logits=self.var_logits)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -98,16 +98,9 @@ def test_forward_float32_with_offset(case, backend):
 def test_gradcheck(case, backend):
     m = _randomise(case.make().double())
     x = _input(case).requires_grad_()
-    params = [p for p in m.parameters()]
-
-    def f(x, *ps):
-        for p, v in zip(params, ps):
-            p.data = v
-        return m(x)
-
-    leaves = [p.detach().clone().requires_grad_() for p in params]
-    # functional_call keeps the module's parameters as the differentiated inputs.
     names = [n for n, _ in m.named_parameters()]
+    leaves = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    # functional_call makes the parameters (x, gamma, beta, both logit vectors) the inputs.
     fn = lambda x, *ps: torch.func.functional_call(m, dict(zip(names, ps)), (x,))
     assert torch.autograd.gradcheck(fn, (x, *leaves), eps=1e-6, atol=1e-6)
 

@@ -107,7 +107,6 @@ def test_kernels_compile_for_hopper_without_gpu():
 
     if T.INTERPRET:
         pytest.skip("normkit._triton was imported in interpreter mode in this process")
-    channels_first, channels_last = {"STRIDE_RED": 1}, {"STRIDE_KEEP": 1}
     first = {"STRIDE_RED": 1, "BLOCK_K": 2, "BLOCK_R": 1024}  # channels-first specialisation
     last = {"STRIDE_KEEP": 1, "BLOCK_K": 64, "BLOCK_R": 32}  # channels-last specialisation
     cases = [  # each kernel once, both layouts and a half type among them (a cold compile is ~1 s)
