@@ -8,6 +8,6 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
     || echo "note: could not install dataset-fashion-mnist; the sweep falls back to scikit-learn's digits"
 fi
-python3 -m pip install -q --disable-pip-version-check torch==2.13.0 matplotlib tqdm scikit-learn
-python3 -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0 matplotlib tqdm scikit-learn
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-build-isolation --no-deps -e .
 exec python3 -m normkit sweep --out runs/demo "$@"
