@@ -61,6 +61,20 @@ static i64 nlc_chunks(i64 n, i64 l, int nt) {
     return want < l ? want : (l > 0 ? l : 1);
 }
 
+/* Sum over the chunks of sample n the double partials a[c] and a[C + c] that the
+   channels-last reductions leave in their workspace (one unit of unit_bytes per chunk). */
+static void chunk_sums(const char *ws, size_t unit_bytes, i64 n, i64 chunks, i64 C, i64 c, double *s1,
+                       double *s2) {
+    double t1 = 0.0, t2 = 0.0;
+    for (i64 j = 0; j < chunks; j++) {
+        const double *a = (const double *)(ws + unit_bytes * (size_t)(n * chunks + j));
+        t1 += a[c];
+        t2 += a[C + c];
+    }
+    *s1 = t1;
+    *s2 = t2;
+}
+
 /*
  * DEFINE_KERNELS(SFX, T, S, LD, ST): kernels for element type T with statistics type S
  * (float or double); LD/ST convert an element to/from float (double for float64).
@@ -139,12 +153,8 @@ static i64 nlc_chunks(i64 n, i64 l, int nt) {
             }                                                                                   \
             for (i64 n = 0; n < N; n++)                                                         \
                 for (i64 c = 0; c < C; c++) {                                                   \
-                    double s1 = 0.0, s2 = 0.0;                                                  \
-                    for (i64 j = 0; j < chunks; j++) {                                          \
-                        const double *a = (const double *)(ws + unit_bytes * (size_t)(n * chunks + j)); \
-                        s1 += a[c];                                                             \
-                        s2 += a[C + c];                                                         \
-                    }                                                                           \
+                    double s1, s2;                                                          \
+                    chunk_sums(ws, unit_bytes, n, chunks, C, c, &s1, &s2);                  \
                     double m = s1 / (double)L, v = s2 / (double)L - m * m;                      \
                     if (pass < two_pass) {                                                      \
                         shift[n * C + c] += m;                                                  \
@@ -248,12 +258,8 @@ static i64 nlc_chunks(i64 n, i64 l, int nt) {
         }                                                                                       \
         for (i64 n = 0; n < N; n++)                                                             \
             for (i64 c = 0; c < C; c++) {                                                       \
-                double s1 = 0.0, s2 = 0.0;                                                      \
-                for (i64 j = 0; j < chunks; j++) {                                              \
-                    const double *a = (const double *)(ws + unit_bytes * (size_t)(n * chunks + j)); \
-                    s1 += a[c];                                                                 \
-                    s2 += a[C + c];                                                             \
-                }                                                                               \
+                double s1, s2;                                                              \
+                chunk_sums(ws, unit_bytes, n, chunks, C, c, &s1, &s2);                      \
                 sdy[n * C + c] = (S)s1;                                                         \
                 sdyxc[n * C + c] = (S)s2;                                                       \
             }                                                                                   \
