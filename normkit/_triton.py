@@ -55,6 +55,17 @@ _MAX_INDEX = 2**31 - 1  # per-sample offsets are int32 (the sample base is int64
 
 
 @triton.jit
+def _reduction_program(KEEP, SPLITS, BLOCK_K: tl.constexpr):
+    """This reduction program's (split, group, rows of the group, row validity): programs
+    enumerate (group, block of BLOCK_K rows, split) with the split fastest."""
+    pid = tl.program_id(0)
+    rest = pid // SPLITS
+    keep_blocks = tl.cdiv(KEEP, BLOCK_K)
+    keep = (rest % keep_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return pid % SPLITS, rest // keep_blocks, keep, keep < KEEP
+
+
+@triton.jit
 def _moments_kernel(
     x_ptr, mean_ptr, var_ptr, shift_ptr,
     KEEP, RED, STRIDE_GROUP, STRIDE_KEEP, STRIDE_RED, CHUNK, SPLITS, OUT_STRIDE,
@@ -69,13 +80,7 @@ def _moments_kernel(
     SPLITS > 1 the partial means stay shifted and split 0 stores the shifts.
     """
     acc_dtype = mean_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    split = pid % SPLITS
-    rest = pid // SPLITS
-    keep_blocks = tl.cdiv(KEEP, BLOCK_K)
-    group = rest // keep_blocks
-    keep = (rest % keep_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep_ok = keep < KEEP
+    split, group, keep, keep_ok = _reduction_program(KEEP, SPLITS, BLOCK_K)
     rows = x_ptr + group.to(tl.int64) * STRIDE_GROUP + keep.to(tl.int64) * STRIDE_KEEP
     shift = tl.load(rows, mask=keep_ok, other=0.0).to(acc_dtype)
     start = split * CHUNK
@@ -139,13 +144,7 @@ def _reduce_kernel(
 ):
     """sum(dy) and sum(dy * (x - mean)) per row; same indexing as _moments_kernel."""
     acc_dtype = sum_dy_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    split = pid % SPLITS
-    rest = pid // SPLITS
-    keep_blocks = tl.cdiv(KEEP, BLOCK_K)
-    group = rest // keep_blocks
-    keep = (rest % keep_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep_ok = keep < KEEP
+    split, group, keep, keep_ok = _reduction_program(KEEP, SPLITS, BLOCK_K)
     offsets = group.to(tl.int64) * STRIDE_GROUP + keep.to(tl.int64)[:, None] * STRIDE_KEEP
     mean = tl.load(mean_ptr + group * KEEP + keep, mask=keep_ok, other=0.0).to(acc_dtype)
     start = split * CHUNK
