@@ -77,7 +77,7 @@ def layer_steps(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[C
 
 def kernel_steps(x: torch.Tensor, dy: torch.Tensor) -> tuple[Callable, Callable]:
     """(forward, forward+backward) closures of the four Triton passes alone."""
-    from normkit._triton import TRITON_KERNELS as K
+    from normkit.kernels.triton import TRITON_KERNELS as K
 
     n, c = x.shape[:2]
     mu = torch.zeros(n, c, device=x.device)
@@ -168,9 +168,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device available, nothing to measure (the Triton kernels need a GPU).")
         return 0
-    from normkit import _fused
+    from normkit import kernels
 
-    if _fused._load("triton") is None:
+    if kernels.load("triton") is None:
         print("bench_gpu: the Triton kernels cannot be loaded; install them with pip install 'normkit[triton]'.")
         return 0
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]

@@ -1,16 +1,31 @@
-"""normkit: Switchable Normalization and a drop-in family of normalization layers for PyTorch."""
+"""normkit: Switchable Normalization and a drop-in family of normalization layers for PyTorch.
+
+Layers, bottom to top (imports only go down): ``normkit._core`` (maths) ->
+``normkit.kernels`` (kernel sets and the torch operators) -> ``normkit.functional`` (ops and
+the dispatcher) -> ``normkit.nn`` (layers) -> ``normkit.tools`` (model tools).
+"""
 
 from normkit import functional
-from normkit._fused import get_backend, set_backend, use_backend
-from normkit.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from normkit.norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
-from normkit.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
-from normkit.convert import convert, create_norm
-from normkit.importance import ImportanceReport, importance_report, plot_importance
-from normkit.ws import WSConv2d, weight_standardization
-from normkit.deploy import fuse, fuse_conv_bn, harden
-from normkit.official import load_official_switchnorm, official_sources
-from normkit.stats import RecomputeReport, freeze_stats, recompute_stats, reset_stats, unfreeze_stats
+from normkit.kernels import get_backend, set_backend, use_backend
+from normkit.nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    SwitchNorm1d,
+    SwitchNorm2d,
+    SwitchNorm3d,
+)
+from normkit.tools.convert import convert, create_norm
+from normkit.tools.deploy import fuse, fuse_conv_bn, harden
+from normkit.tools.importance import ImportanceReport, importance_report, plot_importance, source_colour
+from normkit.tools.official import load_official_switchnorm, official_sources
+from normkit.tools.stats import RecomputeReport, freeze_stats, recompute_stats, reset_stats, unfreeze_stats
+from normkit.tools.ws import WSConv2d, weight_standardization
 
 __version__ = "0.1.0"
 
@@ -40,6 +55,7 @@ __all__ = [
     "importance_report",
     "ImportanceReport",
     "plot_importance",
+    "source_colour",
     "weight_standardization",
     "WSConv2d",
     "harden",

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normkit.functional import Moments, merge_moments
+from normkit._core import Moments, merge_moments
 
 __all__ = ["all_merge_moments"]
 

@@ -32,7 +32,7 @@ def check(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 def _triton():
-    from normkit import _triton
+    from normkit.kernels import triton as _triton
 
     return _triton
 
@@ -84,16 +84,16 @@ def _same_layout(y: torch.Tensor, x: torch.Tensor, what: str) -> None:
 @check
 def supports_and_layouts():
     T = _triton()
-    assert T.INTERPRET, "normkit._triton was not imported in interpreter mode"
+    assert T.INTERPRET, "normkit.kernels.triton was not imported in interpreter mode"
     for shape, axis, fmt in LAYOUTS:
-        assert T.supports(_make(shape, fmt), axis), (shape, axis, fmt)
+        assert T.supports(_make(shape, fmt), axis) is None, (shape, axis, fmt)
     x = torch.randn(2, 3, 4, 5)
-    assert not T.supports(x, 2), "a middle channel axis of a contiguous tensor is not a supported layout"
-    assert not T.supports(x.transpose(2, 3), 1), "a non-dense permutation is not supported"
-    assert not T.supports(x[:, :, ::2], 1), "a strided slice is not supported"
-    assert not T.supports(x.to(torch.int32), 1)
-    assert not T.supports(torch.empty(0, 3, 4), 1)
-    assert T.supports(x.double(), 1) and T.supports(x.half(), 1) and T.supports(x.bfloat16(), 1)
+    assert T.supports(x, 2) is not None, "a middle channel axis of a contiguous tensor is not a supported layout"
+    assert T.supports(x.transpose(2, 3), 1) is not None, "a non-dense permutation is not supported"
+    assert T.supports(x[:, :, ::2], 1) is not None, "a strided slice is not supported"
+    assert T.supports(x.to(torch.int32), 1) is not None
+    assert T.supports(torch.empty(0, 3, 4), 1) is not None
+    assert all(T.supports(t, 1) is None for t in (x.double(), x.half(), x.bfloat16()))
 
 
 @check
@@ -230,18 +230,18 @@ def backward_apply_matches_float64():
 @check
 def dispatch_and_reference_switch():
     import normkit
-    from normkit import _fused
+    from normkit import kernels
 
     T = _triton()
     x = torch.randn(2, 4, 3, 3)
     with normkit.use_backend("triton"):
-        assert _fused.select_kernels(x, 1, None) is T.TRITON_KERNELS
-        assert _fused.select_kernels(x, 1, torch.ones(2, 3, 3, dtype=torch.bool)) is None, "masks use the reference"
-        assert _fused.select_kernels(x, 2, None) is None, "unsupported layouts fall back to the reference"
+        assert kernels.select(x) is T.TRITON_KERNELS
+        assert T.TRITON_KERNELS.supports(x, 2) is not None, "unsupported layouts fall back to the reference"
+        assert not T.TRITON_KERNELS.runs_layer(normkit.functional.MixSpec(("bn",), 1e-5)), "generic path only"
     with normkit.use_backend("reference"):
-        assert _fused.select_kernels(x, 1, None) is None
+        assert kernels.select(x) is None
     with normkit.use_backend("auto"):  # auto picks Triton for CUDA tensors only
-        assert _fused.select_kernels(x, 1, None) is not T.TRITON_KERNELS
+        assert kernels.select(x) is not T.TRITON_KERNELS
 
 
 # --------------------------------------------------------------------------- whole layers vs the reference path
@@ -267,7 +267,7 @@ def _layers():
 
 
 class _CountLaunches:
-    """Counts launches of normkit._triton's kernels (proof that the Triton path ran)."""
+    """Counts launches of normkit.kernels.triton's kernels (proof that the Triton path ran)."""
 
     NAMES = ("_moments_kernel", "_apply_kernel", "_reduce_kernel", "_backward_apply_kernel")
 
@@ -322,7 +322,8 @@ def _run(module, x, dy, backend, train):
 
 def _compare_layers(dtype, formats, offset=0.0, only=None):
     """Triton vs the reference path, or, with a large offset (ill-conditioned in float32 on
-    both paths), both vs float64: Triton's error must stay within twice the reference's."""
+    both paths), both vs float64: Triton's error must stay within four times the reference's
+    (the reference mixes the sources in float64, so its own error is small)."""
     tol = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-10, 1e-10)}.get(dtype, (2e-2, 2e-2))
     shapes = {4: (3, 4, 5, 3), 3: (3, 4, 7), 2: (5, 4)}
     for name, make, rank in _layers():
@@ -351,7 +352,7 @@ def _compare_layers(dtype, formats, offset=0.0, only=None):
                     if truth is None:
                         _close(got[key], want[key], tol[0], tol[1] * scale, f"{what}: {key}")
                     else:
-                        bound = 2 * float((want[key].double() - truth[key]).abs().max()) + 1e-6 * scale
+                        bound = 4 * float((want[key].double() - truth[key]).abs().max()) + 1e-6 * scale
                         _close(got[key], truth[key], 0, bound, f"{what}: {key} vs float64")
 
 

@@ -492,10 +492,10 @@ def test_functional_ops_match_torch(backend):
 def test_docstring_examples_run():
     import doctest
 
-    import normkit.batchnorm
-    import normkit.norms
-    import normkit.switchnorm
+    import normkit.nn.batchnorm
+    import normkit.nn.norms
+    import normkit.nn.switchnorm
 
-    for module in (normkit.switchnorm, normkit.batchnorm, normkit.norms):
+    for module in (normkit.nn.switchnorm, normkit.nn.batchnorm, normkit.nn.norms):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -1,4 +1,4 @@
-"""Triton kernels (normkit._triton) on CPU, under Triton's interpreter.
+"""Triton kernels (normkit.kernels.triton) on CPU, under Triton's interpreter.
 
 Triton reads ``TRITON_INTERPRET`` when it decorates a kernel, so the checks in
 ``_triton_check.py`` run once, in a fresh interpreter started with ``TRITON_INTERPRET=1``;
@@ -103,10 +103,10 @@ def test_kernels_compile_for_hopper_without_gpu():
         from triton.compiler import ASTSource
     except ImportError:
         pytest.skip(f"triton {triton.__version__} has no ahead-of-time compile API")
-    from normkit import _triton as T
+    from normkit.kernels import triton as T
 
     if T.INTERPRET:
-        pytest.skip("normkit._triton was imported in interpreter mode in this process")
+        pytest.skip("normkit.kernels.triton was imported in interpreter mode in this process")
     first = {"STRIDE_RED": 1, "BLOCK_K": 2, "BLOCK_R": 1024}  # channels-first specialisation
     last = {"STRIDE_KEEP": 1, "BLOCK_K": 64, "BLOCK_R": 32}  # channels-last specialisation
     cases = [  # each kernel once, both layouts and a half type among them (a cold compile is ~1 s)

@@ -1,0 +1,1 @@
+"""Applications built on normkit's public API; not part of the normkit wheel."""

@@ -1,0 +1,192 @@
+"""The mix: from per-(sample, channel) moments and importance weights to ``mu``, ``scale``
+and ``shift``, and the running-average update.
+
+A :class:`MixSpec` is everything about a normalization that is not a tensor. It is frozen
+and compared whole: a kernel set serves a call only when it was written for that exact spec
+type (see ``normkit.kernels``), so a new normalizer with its own fields never runs a kernel
+that ignores them. The mix takes importance *weights* ``(K,)``; turning logits into weights
+(softmax for SN) is the layer's policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from normkit._core.moments import Moments, expand_stat, merge_moments
+from normkit._core.sources import source_code, source_moments
+
+__all__ = ["MixSpec", "apply_affine", "mix", "spec_from_codes", "update_running"]
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """A normalization without its tensors.
+
+    Attributes:
+        sources: parsed source names (see :func:`normkit._core.parse_sources`).
+        eps: added to the mixed variance.
+        batch_stats: True to take the tracked statistic from the batch (training); False to
+            read it from the running averages (eval, frozen).
+        running: which statistic has running averages: ``'bn'`` (per channel over the
+            batch) or ``'in'`` (the average of per-sample estimates, as
+            ``torch.nn.InstanceNorm*d``).
+    """
+
+    sources: tuple[str, ...]
+    eps: float
+    batch_stats: bool = True
+    running: str = "bn"
+
+    def __post_init__(self) -> None:
+        if self.running not in ("bn", "in"):
+            raise ValueError(f"running must be 'bn' or 'in', got {self.running!r}")
+        pairs = [source_code(s) for s in self.sources]
+        mask = sum(1 << k for k, const in enumerate(self.constant_sources) if const)
+        # computed once: the dispatcher reads them on every call
+        object.__setattr__(self, "_codes", (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), mask))
+
+    @property
+    def constant_sources(self) -> tuple[bool, ...]:
+        """Per source: whether it is read from the running averages instead of the input."""
+        if self.batch_stats:
+            return (False,) * len(self.sources)
+        in_from_running = self.running == "in" and "bn" not in self.sources
+        return tuple(s == "bn" or (s == "in" and in_from_running) for s in self.sources)
+
+    @property
+    def reads_running(self) -> bool:
+        return any(self.constant_sources)
+
+    @property
+    def needs_input_moments(self) -> bool:
+        """False when every statistic comes from running averages (BN or IN in eval)."""
+        return not all(self.constant_sources)
+
+    @property
+    def tracked(self) -> Optional[str]:
+        """The statistic whose batch value moves the running averages: 'bn', 'in' or None."""
+        if not self.batch_stats:
+            return None
+        if "bn" in self.sources:
+            return "bn"
+        return "in" if self.running == "in" and self.sources == ("in",) else None
+
+    @property
+    def codes(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """``(kinds, groups, constant_mask)``: this spec in the compiled mixer's terms."""
+        return self._codes  # type: ignore[attr-defined]
+
+
+def _running_moments(count: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], c: int,
+                     dtype: torch.dtype) -> Moments:
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when statistics come from running averages")
+    return Moments(count, running_mean.to(dtype).reshape(1, c), running_var.to(dtype).reshape(1, c))
+
+
+def mix(
+    spec: MixSpec,
+    m_in: Moments,
+    mean_weights: Optional[Tensor],
+    var_weights: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    merge_batch: Optional[Callable[[Moments], Moments]] = None,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Moments]]:
+    """``(mu, scale, shift, tracked)`` of one normalization.
+
+    ``mu`` and ``scale`` are (N, C), ``shift`` is (C,), all in the moments' dtype;
+    ``tracked`` is the batch statistic that moves the running averages (None when none
+    does). ``merge_batch`` post-processes the batch statistics (the cross-process merge of
+    synchronised layers). A pure function of small tensors: autograd differentiates it.
+    """
+    n, c = m_in.mean.shape
+    dtype = m_in.mean.dtype
+    tracked: Optional[Moments] = None
+    batch: Optional[Moments] = None
+    if "bn" in spec.sources:
+        if spec.batch_stats:
+            batch = merge_moments(m_in, 0)
+            if merge_batch is not None:
+                batch = merge_batch(batch)
+            tracked = batch
+        else:
+            batch = _running_moments(m_in.count.new_ones(()), running_mean, running_var, c, dtype)
+    elif spec.running == "in":
+        if spec.batch_stats:
+            tracked = m_in if spec.tracked == "in" else None
+        elif spec.reads_running:
+            m_in = _running_moments(m_in.count, running_mean, running_var, c, dtype)
+    per_source = [source_moments(s, m_in, batch) for s in spec.sources]
+    if len(per_source) == 1:
+        mu, var = per_source[0].mean, per_source[0].var
+    else:
+        assert mean_weights is not None and var_weights is not None
+        # Mixed in float64: the weights' gradient sums N*C products of statistics, which
+        # cancel in float32 when the inputs have a large offset.
+        wm, wv = mean_weights.double(), var_weights.double()
+        mu, var = wm[0] * per_source[0].mean.double(), wv[0] * per_source[0].var.double()
+        for k in range(1, len(per_source)):
+            mu = mu + wm[k] * per_source[k].mean.double()
+            var = var + wv[k] * per_source[k].var.double()
+        mu, var = mu.to(dtype), var.to(dtype)
+    scale = torch.rsqrt(var.clamp_min(0.0) + spec.eps).expand(n, c)
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    mu = mu.expand(n, c)
+    shift = bias.to(dtype) if bias is not None else torch.zeros(c, dtype=dtype, device=mu.device)
+    return mu, scale, shift, tracked
+
+
+def update_running(tracked: Moments, running_mean: Tensor, running_var: Tensor, momentum: float,
+                   running: str) -> None:
+    """Move running statistics towards the batch's, with the unbiased variance.
+
+    Channels that saw at most one value (no variance estimate, e.g. an all-padded batch)
+    keep their running statistics. For ``running='in'`` (the average of per-sample
+    estimates, as ``torch.nn.InstanceNorm*d``) only samples with more than one valid
+    position vote.
+    """
+    with torch.no_grad():
+        count, mean, var = tracked.count.expand_as(tracked.mean), tracked.mean, tracked.var
+        unbiased = var * count / (count - 1).clamp_min(1.0)
+        estimated = count > 1
+        if running == "in":
+            votes = estimated.sum(0)
+            mean, unbiased = (torch.where(estimated, t, 0.0).sum(0) / votes.clamp_min(1) for t in (mean, unbiased))
+            estimated = votes > 0
+        ok = estimated.reshape(-1)
+        new_mean = torch.where(ok, mean.reshape(-1), running_mean.to(mean.dtype))
+        new_var = torch.where(ok, unbiased.reshape(-1), running_var.to(mean.dtype))
+        running_mean.lerp_(new_mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(new_var.to(running_var.dtype), momentum)
+
+
+def apply_affine(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, channel_axis: int) -> Tensor:
+    """``(x - mu) * scale + shift`` in the statistics dtype, returned in x's dtype.
+
+    Subtracting first keeps full precision for inputs with a large offset, where
+    ``x * scale + (shift - mu * scale)`` would cancel.
+    """
+    xs = x.to(mu.dtype)
+    ndim = x.dim()
+    shift_shape = [1] * ndim
+    shift_shape[channel_axis] = -1
+    y = (xs - expand_stat(mu, ndim, channel_axis)) * expand_stat(scale, ndim, channel_axis)
+    return (y + shift.reshape(shift_shape)).to(x.dtype)
+
+
+_NAMES = {0: "in", 1: "ln", 2: "bn"}
+
+
+def spec_from_codes(kinds: tuple[int, ...], groups: tuple[int, ...], constant_mask: int, eps: float) -> MixSpec:
+    """The :class:`MixSpec` whose :attr:`MixSpec.codes` are these (the inverse of ``codes``)."""
+    sources = tuple(_NAMES.get(k, f"gn{g}") for k, g in zip(kinds, groups))
+    running = "in" if sources == ("in",) and constant_mask else "bn"
+    return MixSpec(sources, eps, batch_stats=constant_mask == 0, running=running)

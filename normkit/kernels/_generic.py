@@ -1,0 +1,87 @@
+"""The generic fused path: any kernel set's four full-size passes around the Python mix.
+
+Any normkit normalization is ``y = (x - mu) * scale + shift`` where ``mu`` and ``scale``
+are (N, C) functions of the per-(n, c) moments of ``x`` (the spec's mix). Differentiating
+through the moments gives, with ``m = mean_in[n, c]`` and ``L`` positions::
+
+    dx = scale * dy + p[n, c] + q[n, c] * (x - m),   p = dL/dm / L,  q = 2 dL/dvar_in / L
+
+where dL/dm and dL/dvar_in come from autograd on the small mix graph, fed with the two
+per-(n, c) reductions ``sum(dy)`` and ``sum(dy * (x - m))``. So one set of four loops
+serves every spec, without saving any full-size temporary besides x itself; nothing here
+depends on which normalization the spec describes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from normkit._core import Moments
+from normkit.kernels._protocol import KernelSet
+
+__all__ = ["generic_normalize"]
+
+MixFn = Callable[..., tuple[Tensor, Tensor, Tensor, Optional[Moments]]]
+
+
+class _GenericNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernels, axis, mix_fn, tracked_out, *small):  # type: ignore[override]
+        n, c = x.shape[0], x.shape[axis]
+        length = x.numel() // max(n * c, 1)
+        mean, var = kernels.moments(x, axis)
+        count = torch.full((n, 1), float(length), dtype=mean.dtype, device=x.device)
+        mu, scale, shift, tracked = mix_fn(Moments(count, mean, var), *small)
+        tracked_out.append(tracked)
+        y = kernels.apply(x, mu, scale, shift, axis)
+        ctx.kernels, ctx.axis, ctx.mix_fn, ctx.length = kernels, axis, mix_fn, length
+        ctx.small_is_none = [s is None for s in small]
+        ctx.save_for_backward(x, mean, var, count, *[s for s in small if s is not None])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, mean, var, count, *present = ctx.saved_tensors
+        it = iter(present)
+        small = [None if none else next(it) for none in ctx.small_is_none]
+        wants = ctx.needs_input_grad[5:]
+        with torch.enable_grad():
+            mean_leaf = mean.detach().requires_grad_()
+            var_leaf = var.detach().requires_grad_()
+            leaves = [s.detach().requires_grad_() if (s is not None and want) else s for s, want in zip(small, wants)]
+            mu, scale, shift, _ = ctx.mix_fn(Moments(count, mean_leaf, var_leaf), *leaves)
+        if not (dy.is_contiguous() or dy.is_contiguous(memory_format=torch.channels_last)):
+            dy = dy.contiguous()
+        sum_dy, sum_dy_xc = ctx.kernels.reduce(dy, x, mean, ctx.axis)
+        mu_d, scale_d = mu.detach(), scale.detach()
+        grad_outputs = {"mu": -scale_d * sum_dy, "scale": sum_dy_xc + sum_dy * (mean - mu_d), "shift": sum_dy.sum(0)}
+        outs, gouts = [], []
+        for name, t in (("mu", mu), ("scale", scale), ("shift", shift)):
+            if t.requires_grad:
+                outs.append(t)
+                gouts.append(grad_outputs[name])
+        inputs = [mean_leaf, var_leaf] + [leaf for leaf, want in zip(leaves, wants) if leaf is not None and want]
+        grads = list(torch.autograd.grad(outs, inputs, gouts, allow_unused=True)) if outs else [None] * len(inputs)
+        g_mean, g_var = grads[0], grads[1]
+        small_grads = iter(grads[2:])
+        dsmall = [next(small_grads) if (s is not None and want) else None for s, want in zip(small, wants)]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            zeros = torch.zeros_like(mean)
+            p = g_mean / ctx.length if g_mean is not None else zeros
+            q = 2.0 * g_var / ctx.length if g_var is not None else zeros
+            dx = ctx.kernels.backward_apply(dy, x, mean, scale_d, p, q, ctx.axis)
+        return (dx, None, None, None, None, *dsmall)
+
+
+def generic_normalize(kernels: KernelSet, x: Tensor, axis: int, mix_fn: MixFn, small: tuple) -> tuple[Tensor, Optional[Moments]]:
+    """``(y, tracked)`` with ``mix_fn(moments, *small) -> (mu, scale, shift, tracked)``.
+
+    Tensors the mix reads but never differentiates (running statistics) belong in
+    ``mix_fn``'s closure, not in ``small``."""
+    tracked: list = []
+    y = _GenericNorm.apply(x, kernels, axis, mix_fn, tracked, *small)
+    return y, tracked[0]

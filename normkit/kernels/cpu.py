@@ -1,0 +1,248 @@
+"""The compiled CPU kernels (``csrc/norm_kernels.c``, C11 + OpenMP, built at install time)
+as a kernel set: the four passes and the whole layer with the C mixer.
+
+The library is loaded only after :func:`normkit.kernels._library.load_cpu_library` has
+verified it (owner, mode, content hash). Nothing here is called with a tensor that the
+operators of :mod:`normkit.kernels.ops` (or :func:`check_pass_input` for the passes) have
+not validated: every pointer handed to C comes from a tensor whose shape, dtype, device,
+layout and contiguity were checked against what the C function reads and writes.
+ctypes releases the GIL during each call; OpenMP threads follow ``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normkit._core import stat_dtype
+from normkit.kernels._library import load_cpu_library
+from normkit.kernels._protocol import KernelSet
+
+__all__ = ["CPU_KERNELS", "DTYPES", "layout_of", "check_pass_input", "layer_forward", "layer_backward"]
+
+_lib = load_cpu_library()
+_P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+if _lib.nk_has_half():
+    _SUFFIX[torch.float16] = "f16"
+DTYPES = tuple(_SUFFIX)
+MAX_SOURCES = 16
+
+
+def _bind(name: str, restype, argtypes):
+    fn = getattr(_lib, name)
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
+
+
+class _Fns:
+    def __init__(self, sfx: str) -> None:
+        self.moments = _bind(f"nk_moments_{sfx}", _INT, [_INT, _P, _I64, _I64, _I64, _P, _P, _INT])
+        self.apply = _bind(f"nk_apply_{sfx}", None, [_INT, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT])
+        self.reduce = _bind(f"nk_reduce_{sfx}", _INT, [_INT, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT])
+        self.backward_apply = _bind(
+            f"nk_backward_apply_{sfx}", None, [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _INT]
+        )
+        self.layer_forward = _bind(
+            f"nk_layer_forward_{sfx}", _INT,
+            [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _INT, _DBL, _P, _P, _INT],
+        )
+        self.layer_backward = _bind(
+            f"nk_layer_backward_{sfx}", _INT,
+            [_INT, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 6 + [_DBL] + [_P] * 4 + [_INT],
+        )
+
+
+_FNS = {dtype: _Fns(sfx) for dtype, sfx in _SUFFIX.items()}
+_UPDATE = {
+    dtype: _bind(f"nk_update_running_{sfx}", None, [_I64, _I64, _I64, _INT, _P, _P, _DBL, _P, _P])
+    for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"))
+}
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise MemoryError(f"normkit CPU kernel {what} failed (code {code}): out of memory for its workspace")
+
+
+# ---- layouts -----------------------------------------------------------------------------
+
+def layout_of(x: Tensor, axis: int) -> Optional[tuple[int, int, int, int]]:
+    """``(nlc, N, C, L)`` when x is (N, C, L) (nlc=0) or (N, L, C) (nlc=1) in memory, else None."""
+    ndim = x.dim()
+    if ndim < 2 or axis <= 0 or axis >= ndim:
+        return None
+    n, c = x.shape[0], x.shape[axis]
+    length = x.numel() // (n * c) if n * c else 0
+    if axis == 1 and x.is_contiguous():
+        return 0, n, c, length
+    if x.movedim(axis, -1).is_contiguous():
+        return 1, n, c, length
+    if x.movedim(axis, 1).is_contiguous():
+        return 0, n, c, length
+    return None
+
+
+def matching(t: Tensor, like: Tensor, nlc: int, axis: int) -> Tensor:
+    """t with like's dtype and (N, C, L) / (N, L, C) memory layout (copied only if needed)."""
+    if t.dtype == like.dtype and (t.movedim(axis, -1) if nlc else t.movedim(axis, 1)).is_contiguous():
+        return t
+    out = torch.empty_like(like)
+    out.copy_(t)
+    return out
+
+
+def _supports(x: Tensor, axis: int) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"the C kernels run on CPU tensors, got a {x.device.type} tensor"
+    if x.dtype not in _FNS:
+        return f"dtype {x.dtype} is not one of {DTYPES}"
+    if x.layout != torch.strided:
+        return f"layout {x.layout} is not strided"
+    if x.numel() == 0:
+        return "empty input"
+    if layout_of(x, axis) is None:
+        return f"memory layout with strides {x.stride()} is neither channels-first nor channels-last"
+    return None
+
+
+def _stat(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """A statistics tensor the C code reads or writes: exact shape, dtype, CPU, contiguous."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() \
+            or t.layout != torch.strided:
+        raise ValueError(
+            f"{name} must be a contiguous CPU {dtype} tensor of shape {shape}, got a "
+            f"{'contiguous' if t.is_contiguous() else 'non-contiguous'} {t.device.type} {t.dtype} tensor "
+            f"of shape {tuple(t.shape)}"
+        )
+
+
+def check_pass_input(x: Tensor, axis: int) -> tuple[int, int, int, int]:
+    """Validate x for the C passes and return its layout."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(axis, int) or not 0 < axis < max(x.dim(), 1):
+        raise ValueError(f"axis must be a channel axis in [1, {x.dim() - 1}], got {axis!r}")
+    reason = _supports(x, axis)
+    if reason is not None:
+        raise ValueError(f"the normkit CPU kernels cannot take this input: {reason}")
+    return layout_of(x, axis)  # type: ignore[return-value]
+
+
+def _like_x(t: Tensor, x: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor) or t.shape != x.shape or t.device != x.device or t.layout != torch.strided:
+        got = f"shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a strided tensor of x's shape {tuple(x.shape)} on {x.device}, got {got}")
+
+
+# ---- the four passes (the generic fused path) ----------------------------------------------
+
+def _moments(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    nlc, n, c, length = check_pass_input(x, axis)
+    stats = torch.empty(2, n, c, dtype=stat_dtype(x.dtype))
+    _check(_FNS[x.dtype].moments(nlc, x.data_ptr(), n, c, length, stats[0].data_ptr(), stats[1].data_ptr(),
+                                 torch.get_num_threads()), "moments")
+    return stats[0], stats[1]
+
+
+def _apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
+    nlc, n, c, length = check_pass_input(x, axis)
+    dtype = stat_dtype(x.dtype)
+    mu, scale = (t.to(dtype).expand(n, c).contiguous() for t in (mu, scale))
+    shift = shift.to(dtype).contiguous()
+    _stat(shift, "shift", (c,), dtype)
+    y = torch.empty_like(x)
+    _FNS[x.dtype].apply(nlc, x.data_ptr(), y.data_ptr(), n, c, length, mu.data_ptr(), scale.data_ptr(),
+                        shift.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def _reduce(dy: Tensor, x: Tensor, mean: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    nlc, n, c, length = check_pass_input(x, axis)
+    _like_x(dy, x, "dy")
+    dy = matching(dy, x, nlc, axis)
+    mean = mean.to(stat_dtype(x.dtype)).expand(n, c).contiguous()
+    sums = torch.empty(2, n, c, dtype=mean.dtype)
+    _check(_FNS[x.dtype].reduce(nlc, dy.data_ptr(), x.data_ptr(), n, c, length, mean.data_ptr(),
+                                sums[0].data_ptr(), sums[1].data_ptr(), torch.get_num_threads()), "reduce")
+    return sums[0], sums[1]
+
+
+def _backward_apply(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, p: Tensor, q: Tensor, axis: int) -> Tensor:
+    nlc, n, c, length = check_pass_input(x, axis)
+    _like_x(dy, x, "dy")
+    dy = matching(dy, x, nlc, axis)
+    dtype = stat_dtype(x.dtype)
+    mean, scale, p, q = (t.to(dtype).expand(n, c).contiguous() for t in (mean, scale, p, q))
+    dx = torch.empty_like(x)
+    _FNS[x.dtype].backward_apply(nlc, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, mean.data_ptr(),
+                                 scale.data_ptr(), p.data_ptr(), q.data_ptr(), torch.get_num_threads())
+    return dx
+
+
+# ---- the whole layer (called by the validated operators) ----------------------------------
+
+def stats_size(n: int, c: int) -> int:
+    """Entries of the statistics buffer: mean, var, mu, scale (N*C each); shift, batch
+    mean, batch var (C each)."""
+    return 4 * n * c + 3 * c
+
+
+def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                  constant_mask, eps, axis):
+    """One C call: moments, mix, apply."""
+    nlc, n, c, length = layout_of(x, axis)  # type: ignore[misc]
+    dtype = stat_dtype(x.dtype)
+    k = len(kinds)
+    stats = torch.empty(stats_size(n, c), dtype=dtype)
+    y = torch.empty_like(x)
+    need_moments = int(constant_mask != (1 << k) - 1)
+    _check(_FNS[x.dtype].layer_forward(
+        nlc, x.data_ptr(), y.data_ptr(), n, c, length, k, (ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups),
+        constant_mask, need_moments, stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
+        _ptr(running_var), _ptr(weight), _ptr(bias), eps, 0, 0.0, None, None, torch.get_num_threads()), "forward")
+    return y, stats
+
+
+def layer_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                   constant_mask, eps, axis, output_mask):
+    """One C call: the two backward sums, the closed-form mix backward, dx."""
+    nlc, n, c, length = layout_of(x, axis)  # type: ignore[misc]
+    dtype = stats.dtype
+    k = len(kinds)
+    dy = matching(dy, x, nlc, axis)
+    want_dx, want_w, want_b, want_mw, want_vw = output_mask
+    dx = torch.empty_like(x) if want_dx else x.new_empty(0)
+    grads = [torch.empty(size if want else 0, dtype=kind)
+             for size, want, kind in zip((c, c, k, k), (want_w, want_b, want_mw and k > 1, want_vw and k > 1),
+                                         (dtype, dtype, torch.float64, torch.float64))]
+    _check(_FNS[x.dtype].layer_backward(
+        nlc, dy.data_ptr(), x.data_ptr(), dx.data_ptr() if want_dx else None, n, c, length, k,
+        (ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups), constant_mask, stats.data_ptr(),
+        _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight), eps,
+        *[g.data_ptr() if g.numel() else None for g in grads], torch.get_num_threads()), "backward")
+    return (dx, *grads)
+
+
+def update_running(running_mean, running_var, stats, n, c, length, track, momentum) -> None:
+    """Move the running averages in place: track 1 from the batch statistics in ``stats``
+    (over N*L values), track 2 from the per-sample moments averaged over samples."""
+    base = stats.data_ptr()
+    item = stats.element_size()
+    if track == 1:
+        mean, var, rows, count = base + (4 * n * c + c) * item, base + (4 * n * c + 2 * c) * item, 0, n * length
+    else:
+        mean, var, rows, count = base, base + n * c * item, 1, length
+    _UPDATE[stats.dtype](n, c, count, rows, mean, var, momentum, running_mean.data_ptr(), running_var.data_ptr())
+
+
+CPU_KERNELS = KernelSet("cpu", _supports, _moments, _apply, _reduce, _backward_apply)

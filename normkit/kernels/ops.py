@@ -1,0 +1,283 @@
+"""normkit's fused layer as torch operators (namespace ``normkit``).
+
+Importance weights and their gradients are float64 whatever the input dtype: there are K of
+them, and the weight gradient sums N*C products of statistics that float32 would cancel.
+
+* ``normkit::layer_forward``: moments, mix, apply and (optionally, in place) the running
+  averages of one normalization, in one kernel call; returns ``(y, stats)``.
+* ``normkit::layer_backward``: the two backward sums, the closed-form mix backward and
+  ``dx``; returns ``(dx, dweight, dbias, dmean_weights, dvar_weights)`` (empty when not asked).
+
+Registered with ``torch.library`` (schema, CPU kernel, fake kernel, autograd), so
+FakeTensor, the meta device, ``torch.compile`` (the op is one node of the graph),
+``torch.export`` and ``opcheck`` see a real operator. Every tensor argument is validated
+(shape, dtype, device, layout, contiguity) before a pointer reaches C. The autograd kernel
+runs ``layer_backward``; when a graph of the gradient is wanted (double backward) or a
+``torch.func`` transform is active it recomputes the layer with the reference maths
+(:mod:`normkit._core`) and lets autograd differentiate that instead.
+
+Why ``torch.library.Library`` with a Python autograd kernel and not ``custom_op``: the
+per-call overhead (``docs/ARCHITECTURE.md`` has the figures) is a quarter of custom_op's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normkit._core import MixSpec, Moments, apply_affine, mix, moments, spec_from_codes, stat_dtype
+from normkit.kernels import cpu
+from normkit.kernels._protocol import KernelSet
+
+__all__ = ["CPU_KERNELS", "layer_norm_op"]
+
+_lib = torch.library.Library("normkit", "DEF")
+_lib.define(
+    "layer_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean_weights, Tensor? var_weights, "
+    "Tensor? running_mean, Tensor? running_var, int[] kinds, int[] groups, int constant_mask, float eps, "
+    "int axis) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "update_running_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor stats, int n, int c, int length, "
+    "int track, float momentum) -> ()"
+)
+_lib.define(
+    "layer_backward(Tensor dy, Tensor x, Tensor stats, Tensor? weight, Tensor? mean_weights, "
+    "Tensor? var_weights, Tensor? running_mean, Tensor? running_var, int[] kinds, int[] groups, "
+    "int constant_mask, float eps, int axis, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+_TRACK = {None: 0, "bn": 1, "in": 2}
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float, track: int = 0) -> None:
+    k = len(kinds)
+    if not 1 <= k <= cpu.MAX_SOURCES or len(groups) != k:
+        raise ValueError(f"kinds and groups must have the same length in [1, {cpu.MAX_SOURCES}], got {k} and {len(groups)}")
+    for kind, g in zip(kinds, groups):
+        if kind not in (0, 1, 2, 3):
+            raise ValueError(f"source kinds must be 0 (in), 1 (ln), 2 (bn) or 3 (gn), got {kind}")
+        if (kind == 3 and (g < 1 or c % g)) or (kind != 3 and g != 1):
+            raise ValueError(f"group count {g} of a kind-{kind} source is invalid for {c} channels")
+    if not 0 <= constant_mask < (1 << k) or any((constant_mask >> i) & 1 and kinds[i] not in (0, 2) for i in range(k)):
+        raise ValueError(f"constant_mask {constant_mask} must mark only in/bn sources among {k}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    if track == 1 and not any(kd == 2 and not (constant_mask >> i) & 1 for i, kd in enumerate(kinds)):
+        raise ValueError("track=1 (BN running averages) needs a bn source computed from the batch")
+    if track == 2 and (tuple(kinds) != (0,) or constant_mask):
+        raise ValueError("track=2 (IN running averages) needs the single source 'in' computed from the input")
+    if track not in (0, 1, 2):
+        raise ValueError(f"track must be 0, 1 or 2, got {track}")
+
+
+def _validate_small(x: Tensor, c: int, k: int, weight, bias, mean_weights, var_weights, running_mean,
+                    running_var, constant_mask: int) -> None:
+    dtype = stat_dtype(x.dtype)
+    for t, name, size, kind in ((weight, "weight", c, dtype), (bias, "bias", c, dtype),
+                                (mean_weights, "mean_weights", k, torch.float64),
+                                (var_weights, "var_weights", k, torch.float64),
+                                (running_mean, "running_mean", c, dtype), (running_var, "running_var", c, dtype)):
+        if t is not None:
+            cpu._stat(t, name, (size,), kind)
+    if k > 1 and (mean_weights is None or var_weights is None):
+        raise ValueError(f"mean_weights and var_weights of shape ({k},) are required with {k} sources")
+    if constant_mask and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var are required when a source reads running averages")
+
+
+def _validate_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                      constant_mask, eps, axis) -> None:
+    _, n, c, _ = cpu.check_pass_input(x, axis)
+    _validate_spec(c, kinds, groups, constant_mask, eps)
+    _validate_small(x, c, len(kinds), weight, bias, mean_weights, var_weights, running_mean, running_var,
+                    constant_mask)
+
+
+def _validate_update(running_mean, running_var, stats, n, c, length, track, momentum) -> None:
+    if track not in (1, 2) or min(n, c, length) < 1:
+        raise ValueError(f"track must be 1 (bn) or 2 (in) and n, c, length >= 1, got {track}, {n}, {c}, {length}")
+    dtype = stats.dtype if isinstance(stats, Tensor) else None
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"stats must be a float32 or float64 tensor, got {dtype}")
+    cpu._stat(stats, "stats", (cpu.stats_size(n, c),), dtype)
+    cpu._stat(running_mean, "running_mean", (c,), dtype)
+    cpu._stat(running_var, "running_var", (c,), dtype)
+    if not (isinstance(momentum, float) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+
+
+def _validate_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                       constant_mask, eps, axis, output_mask) -> None:
+    _, n, c, _ = cpu.check_pass_input(x, axis)
+    cpu._like_x(dy, x, "dy")
+    if dy.dtype not in cpu.DTYPES:
+        raise ValueError(f"dy must have a floating dtype in {cpu.DTYPES}, got {dy.dtype}")
+    _validate_spec(c, kinds, groups, constant_mask, eps)
+    _validate_small(x, c, len(kinds), weight, None, mean_weights, var_weights, running_mean, running_var,
+                    constant_mask)
+    cpu._stat(stats, "stats", (cpu.stats_size(n, c),), stat_dtype(x.dtype))
+    if len(output_mask) != 5:
+        raise ValueError(f"output_mask must have 5 entries (dx, dweight, dbias, dmean_weights, dvar_weights), "
+                         f"got {len(output_mask)}")
+
+
+# ---- kernels -------------------------------------------------------------------------------
+
+@torch.library.impl(_lib, "layer_forward", "CPU")
+def _layer_forward_cpu(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                       constant_mask, eps, axis):
+    args = (x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups, constant_mask,
+            eps, axis)
+    _validate_forward(*args)
+    return cpu.layer_forward(*args)
+
+
+@torch.library.impl(_lib, "update_running_", "CPU")
+def _update_running_cpu(running_mean, running_var, stats, n, c, length, track, momentum):
+    _validate_update(running_mean, running_var, stats, n, c, length, track, momentum)
+    cpu.update_running(running_mean, running_var, stats, n, c, length, track, momentum)
+    torch.autograd.graph.increment_version(running_mean)
+    torch.autograd.graph.increment_version(running_var)
+
+
+@torch.library.register_fake("normkit::update_running_", lib=_lib)
+def _update_running_fake(running_mean, running_var, stats, n, c, length, track, momentum):
+    return None
+
+
+@torch.library.impl(_lib, "layer_backward", "CPU")
+def _layer_backward_cpu(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                        constant_mask, eps, axis, output_mask):
+    args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+            constant_mask, eps, axis, output_mask)
+    _validate_backward(*args)
+    return cpu.layer_backward(*args)
+
+
+@torch.library.register_fake("normkit::layer_forward", lib=_lib)
+def _layer_forward_fake(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                        constant_mask, eps, axis):
+    n, c = x.shape[0], x.shape[axis]
+    return torch.empty_like(x), x.new_empty(4 * n * c + 3 * c, dtype=stat_dtype(x.dtype))
+
+
+@torch.library.register_fake("normkit::layer_backward", lib=_lib)
+def _layer_backward_fake(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                         constant_mask, eps, axis, output_mask):
+    c, k, dtype = x.shape[axis], len(kinds), stats.dtype
+    sizes = (c, c, k if k > 1 else 0, k if k > 1 else 0)
+    dtypes = (dtype, dtype, torch.float64, torch.float64)
+    dx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
+    return (dx, *[stats.new_empty(size if want else 0, dtype=kind)
+                  for size, want, kind in zip(sizes, output_mask[1:], dtypes)])
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+def _transforms_active() -> bool:
+    return torch._C._are_functorch_transforms_active()
+
+
+class _LayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                constant_mask, eps, axis):  # type: ignore[override]
+        with torch._C._AutoDispatchBelowAutograd():
+            y, stats = torch.ops.normkit.layer_forward(
+                x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups, constant_mask,
+                eps, axis)
+        ctx.codes = (tuple(kinds), tuple(groups), constant_mask, eps, axis)
+        ctx.save_for_backward(x, stats, weight, bias, mean_weights, var_weights, running_mean, running_var)
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, dy, _dstats):  # type: ignore[override]
+        x, stats, weight, bias, mean_weights, var_weights, running_mean, running_var = ctx.saved_tensors
+        kinds, groups, constant_mask, eps, axis = ctx.codes
+        need = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled() or _transforms_active():
+            spec = spec_from_codes(kinds, groups, constant_mask, eps)
+            grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights,
+                                            running_mean, running_var, need)
+        else:
+            out = torch.ops.normkit.layer_backward(
+                dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, list(kinds),
+                list(groups), constant_mask, eps, axis, list(need))
+            grads = [g if want else None for g, want in zip(out, need)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def differentiable_backward(spec: MixSpec, axis: int, dy: Tensor, x: Tensor, weight, bias, mean_weights,
+                            var_weights, running_mean, running_var, need) -> list:
+    """Gradients by autograd through the reference maths (a graph when grad mode is on):
+    double backward, and batched gradients under ``torch.func`` transforms."""
+    inputs = (x, weight, bias, mean_weights, var_weights)
+    wanted = [t for t, want in zip(inputs, need) if want and t is not None]
+    with torch.enable_grad():
+        mu, scale, shift, _ = mix(spec, moments(x, axis), mean_weights, var_weights, weight, bias, running_mean,
+                                  running_var)
+        y = apply_affine(x, mu, scale, shift, axis)
+    found = iter(torch.autograd.grad(y, wanted, dy, create_graph=torch.is_grad_enabled(), allow_unused=True))
+    return [next(found) if want and t is not None else None for t, want in zip(inputs, need)]
+
+
+@torch.library.impl(_lib, "layer_forward", "Autograd")
+def _layer_forward_autograd(*args):
+    return _LayerFunction.apply(*args)
+
+
+# ---- the call a kernel set exposes -----------------------------------------------------------
+
+def _codes(spec: MixSpec) -> tuple[list[int], list[int], int, int]:
+    kinds, groups, mask = spec.codes
+    return list(kinds), list(groups), mask, _TRACK[spec.tracked]
+
+
+def _as_stat(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A small tensor in the statistics dtype, contiguous (differentiable conversion)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
+
+
+def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
+                  momentum: float, axis: int) -> tuple[Tensor, Optional[Moments]]:
+    """Run one layer through ``normkit::layer_forward``: ``(y, tracked)`` where ``tracked``
+    holds the batch statistics when the running averages still have to move (they moved in
+    the kernel when they have the statistics dtype), else None."""
+    kinds, groups, constant_mask, track = _codes(spec)
+    dtype = stat_dtype(x.dtype)
+    weight, bias = _as_stat(weight, dtype), _as_stat(bias, dtype)
+    mean_weights, var_weights = _as_stat(mean_weights, torch.float64), _as_stat(var_weights, torch.float64)
+    if len(kinds) == 1:
+        mean_weights = var_weights = None
+    read_mean = read_var = None
+    if constant_mask:
+        read_mean, read_var = (_as_stat(t.detach(), dtype) for t in (running_mean, running_var))
+    y, stats = torch.ops.normkit.layer_forward(
+        x, weight, bias, mean_weights, var_weights, read_mean, read_var, kinds, groups, constant_mask,
+        float(spec.eps), axis)
+    if not track or running_mean is None or running_var is None:
+        return y, None
+    n, c = x.shape[0], x.shape[axis]
+    length = x.numel() // (n * c)
+    stats = stats.detach()
+    if all(t.dtype == dtype and t.is_contiguous() for t in (running_mean, running_var)):
+        torch.ops.normkit.update_running_(running_mean, running_var, stats, n, c, length, track, float(momentum))
+        return y, None
+    if track == 1:  # running statistics of another dtype: the caller moves them
+        offset = 4 * n * c + c
+        mean, var = stats[offset:offset + c].view(1, c), stats[offset + c:offset + 2 * c].view(1, c)
+        return y, Moments(stats.new_full((1, c), float(n * length)), mean, var)
+    mean, var = stats[: n * c].view(n, c), stats[n * c: 2 * n * c].view(n, c)
+    return y, Moments(stats.new_full((n, 1), float(length)), mean, var)
+
+
+CPU_KERNELS: KernelSet = cpu.CPU_KERNELS._replace(layer_specs=(MixSpec,), layer=layer_norm_op)

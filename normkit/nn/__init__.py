@@ -1,0 +1,19 @@
+"""normkit's layers: drop-in batch, group, layer and instance norms, and Switchable Norm."""
+
+from normkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normkit.nn.norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
+from normkit.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "SwitchNorm1d",
+    "SwitchNorm2d",
+    "SwitchNorm3d",
+]

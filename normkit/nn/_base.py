@@ -1,0 +1,223 @@
+"""Shared state and input checks of the normkit layers (like torch's ``_NormBase``)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from normkit import functional as F
+from normkit._core import MixSpec, check_eps, check_momentum, normalize_axis
+
+__all__ = ["NormBase", "check_input"]
+
+
+def _rank_text(ranks: tuple[int, ...]) -> str:
+    return " or ".join(f"{r}-D" for r in ranks)
+
+
+def check_input(
+    name: str, x: Tensor, num_features: int, axis: int, ranks: tuple[int, ...] = (), layout: str = "(N, C, ...)"
+) -> int:
+    """Validate a layer's input (rank, dtype, channel count) and return the channel axis."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    if (ranks and x.dim() not in ranks) or x.dim() < 2:
+        raise ValueError(
+            f"{name} expects a {_rank_text(ranks or (2,)) if ranks else 'at least 2-D'} input {layout}, "
+            f"got a {x.dim()}-D input of shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}; convert it with x.float()")
+    channel_axis = normalize_axis(axis, x.dim())
+    if channel_axis == 0:
+        raise ValueError(f"{name}: axis must not be the batch axis 0, got axis={axis}")
+    if x.shape[channel_axis] != num_features:
+        raise ValueError(
+            f"{name} expects {num_features} channels on axis {axis}, got {x.shape[channel_axis]} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    return channel_axis
+
+
+_SPECS: dict[tuple, MixSpec] = {}
+
+
+def _spec(sources: tuple[str, ...], eps: float, batch_stats: bool, running: str) -> MixSpec:
+    """The spec of a layer call (specs are immutable, so layers share them)."""
+    key = (sources, eps, batch_stats, running)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _SPECS[key] = MixSpec(sources, eps, batch_stats, running)
+    return spec
+
+
+class NormBase(nn.Module):
+    """Affine parameters, running statistics and the checks every normkit layer shares.
+
+    Subclasses set ``_ranks`` (accepted input ranks) and ``_layout`` (shape text for errors),
+    and implement ``forward``. State-dict keys are those of ``torch.nn.BatchNorm*d``.
+    """
+
+    _version = 2  # 2: num_batches_tracked present (same meaning as torch's _NormBase)
+    _ranks: tuple[int, ...] = ()
+    _layout: str = "(N, C, ...)"
+    _needs_two_values = False  # torch's BatchNorm raises on one value per channel in training
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        center: bool = True,
+        scale: bool = True,
+        axis: int = 1,
+        frozen: bool = False,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        check_eps(eps)
+        if momentum is not None:
+            check_momentum(momentum)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.center = center
+        self.scale = scale
+        self.track_running_stats = track_running_stats
+        self.axis = axis
+        self.frozen = frozen
+        self.process_group = process_group
+        if affine and scale:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+        if affine and center:
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        if track_running_stats and self._tracks_running_source():
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def _tracks_running_source(self) -> bool:
+        """Whether this layer has a statistic with a population estimate (BN source)."""
+        return True
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batch seen (GoMLX ``ResetWeights``)."""
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check_input(self, x: Tensor) -> int:
+        """Validate x and return the normalized channel axis."""
+        return check_input(type(self).__name__, x, self.num_features, self.axis, self._ranks, self._layout)
+
+    def _batch_stats_and_factor(self) -> tuple[bool, float]:
+        """Whether batch statistics are used, and the running-average factor (PyTorch's
+        momentum convention; ``momentum=None`` gives a cumulative average)."""
+        use_batch = (self.training and not self.frozen) or self.running_mean is None
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and not self.frozen and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return use_batch, factor
+
+    def _sync_group(self) -> Any:
+        """The process group to merge batch statistics over, or None (eval, single process)."""
+        if self.process_group is None or not self.training or self.frozen:
+            return None
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return None
+        return self.process_group
+
+    def _run(
+        self,
+        x: Tensor,
+        mask: Optional[Tensor],
+        sources: tuple[str, ...],
+        running: str = "bn",
+        mean_weights: Optional[Tensor] = None,
+        var_weights: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The forward every batch-statistics layer shares: check, pick statistics, normalize."""
+        axis = self._check_input(x)
+        use_batch, factor = self._batch_stats_and_factor()
+        group = self._sync_group() if "bn" in sources else None
+        if self._needs_two_values and use_batch and mask is None and group is None and x.numel() // x.shape[axis] == 1:
+            raise ValueError(
+                f"{type(self).__name__} needs more than 1 value per channel when training, "
+                f"got input of shape {tuple(x.shape)}; use a batch of 2 or more, eval(), or frozen=True"
+            )
+        return F.run(
+            x,
+            _spec(sources, self.eps, use_batch, running),
+            self.weight,
+            self.bias,
+            mean_weights,
+            var_weights,
+            self.running_mean,
+            self.running_var,
+            factor,
+            axis,
+            mask,
+            group,
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        if self.affine and not (self.center and self.scale):
+            text += f", center={self.center}, scale={self.scale}"
+        text += f", track_running_stats={self.track_running_stats}"
+        if self.axis != 1:
+            text += f", axis={self.axis}"
+        if self.frozen:
+            text += ", frozen=True"
+        if self.process_group is not None:
+            text += ", sync=True"
+        return text
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        # Checkpoints written before num_batches_tracked existed (torch version < 2).
+        if (version is None or version < 2) and self.num_batches_tracked is not None and key not in state_dict:
+            state_dict[key] = (
+                self.num_batches_tracked
+                if self.num_batches_tracked.device != torch.device("meta")
+                else torch.tensor(0, dtype=torch.long)
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -1,0 +1,1 @@
+"""Model tools: convert, population statistics, harden and fuse, importance, official checkpoints, WS."""

@@ -1,0 +1,263 @@
+"""Deployment: replace converged SN layers by the plain layer they chose, fold BN into convs.
+
+Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization", ICLR 2019,
+and Sparse SN (Shao et al., CVPR 2019), where each layer ends with one normalizer: such a
+layer is exactly a BN, IN, LN or GN and can be replaced by it (:func:`harden`). An eval-mode
+batch norm is an affine map per channel, so it folds into the preceding convolution or
+linear layer (:func:`fuse`; Jacob et al., "Quantization and Training of Neural Networks for
+Efficient Integer-Arithmetic-Only Inference", CVPR 2018, Sec. 3.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.utils import parametrize
+
+from normkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from normkit.nn.norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normkit.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, _SwitchNorm
+
+__all__ = ["harden", "fuse", "fuse_conv_bn"]
+
+_DIM = {SwitchNorm1d: 1, SwitchNorm2d: 2, SwitchNorm3d: 3}
+_BN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+_IN = (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d)
+
+
+def _chosen_source(sn: _SwitchNorm, threshold: float) -> Optional[str]:
+    mean_w, var_w = sn.mean_weights.detach(), sn.var_weights.detach()
+    k = int(mean_w.argmax())
+    if float(mean_w[k]) >= threshold and float(var_w[k]) >= threshold:
+        return sn.sources[k]
+    return None
+
+
+def _plain_layer(sn: _SwitchNorm, source: str) -> Optional[nn.Module]:
+    c = sn.num_features
+    ref = sn.mean_logits
+    factory = {"device": ref.device, "dtype": ref.dtype}
+    dim = next((d for cls, d in _DIM.items() if isinstance(sn, cls)), 2)
+    flags = {"center": sn.center, "scale": sn.scale, "axis": sn.axis, **factory}
+    if source == "bn":
+        new = _BN[dim - 1](
+            c, sn.eps, sn.momentum, sn.affine, sn.track_running_stats,
+            frozen=sn.frozen, process_group=sn.process_group, **flags,
+        )
+        if sn.running_mean is not None:
+            with torch.no_grad():
+                new.running_mean.copy_(sn.running_mean)
+                new.running_var.copy_(sn.running_var)
+                new.num_batches_tracked.copy_(sn.num_batches_tracked)
+    elif source == "in":
+        new = _IN[dim - 1](c, sn.eps, affine=sn.affine, track_running_stats=False, **flags)
+    else:  # 'ln' is one group; 'gnG' is G groups
+        if not (sn.affine and sn.center and sn.scale):
+            return None  # GroupNorm has no center/scale-only variant: keep the SN layer
+        new = GroupNorm(1 if source == "ln" else int(source[2:]), c, sn.eps, sn.affine, axis=sn.axis, **factory)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(sn, name) is not None:
+                getattr(new, name).copy_(getattr(sn, name))
+                getattr(new, name).requires_grad_(getattr(sn, name).requires_grad)
+    return new.train(sn.training)
+
+
+def _replace_children(model: nn.Module, make: Any) -> nn.Module:
+    """Replace every module m of the tree (root included) by make(m) when it is not None."""
+    done: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module) -> nn.Module:
+        if id(module) not in done:
+            new = make(module)
+            if new is None:
+                new = module
+                for name, child in list(module._modules.items()):
+                    if child is not None:
+                        setattr(module, name, visit(child))
+            done[id(module)] = new
+        return done[id(module)]
+
+    return visit(model)
+
+
+def harden(model: nn.Module, threshold: float = 0.99) -> nn.Module:
+    r"""Replace each SN layer that has settled on one source by the plain layer, in place.
+
+    A SwitchNorm layer whose mean *and* variance importance weights both put at least
+    ``threshold`` on the same source ``k`` becomes:
+
+    * ``'bn'``: :class:`normkit.BatchNorm{d}d` with its ``eps``, ``momentum``, running
+      statistics, ``num_batches_tracked``, ``frozen``, ``process_group``, ``axis``;
+    * ``'in'``: :class:`normkit.InstanceNorm{d}d` with ``affine`` as the SN layer (no
+      running statistics: SN's IN source always uses the sample's);
+    * ``'ln'``: ``normkit.GroupNorm(1, C)`` (the SN paper's LN); ``'gnG'``: ``GroupNorm(G, C)``
+      (kept as SN when ``center``/``scale`` is switched off, which GroupNorm cannot express);
+
+    carrying ``weight`` / ``bias``, device, dtype and training flag. With weights of exactly
+    one the output is unchanged; with ``w_k >= threshold`` it moves by the ``1 - w_k`` share
+    of the other sources. Other layers are left alone (see :func:`normkit.importance_report`).
+
+    Args:
+        model: the network (returned; a SwitchNorm passed directly is replaced and returned).
+        threshold: minimum weight on the chosen source, in ``(0.5, 1]``. Default: 0.99.
+
+    Returns:
+        The model with hardened layers.
+
+    Raises:
+        ValueError: ``threshold`` outside ``(0.5, 1]``.
+
+    Examples::
+
+        >>> import torch, normkit
+        >>> sn = normkit.SwitchNorm2d(4)
+        >>> with torch.no_grad():
+        ...     _ = sn.mean_logits.fill_(0.0)[2].fill_(9.0), sn.var_logits.fill_(0.0)[2].fill_(9.0)
+        >>> normkit.harden(sn)
+        BatchNorm2d(4, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    """
+    if not 0.5 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0.5, 1] so that at most one source qualifies, got {threshold}")
+
+    def make(module: nn.Module) -> Optional[nn.Module]:
+        if not isinstance(module, _SwitchNorm):
+            return None
+        source = _chosen_source(module, threshold)
+        return module if source is None else (_plain_layer(module, source) or module)
+
+    return _replace_children(model, make)
+
+
+# --------------------------------------------------------------------------------------------
+# fuse
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, (_TorchBatchNorm, _BatchNorm))
+
+
+def _foldable(linear: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn`` directly after ``linear`` is an affine map on ``linear``'s output channels."""
+    if not _is_batch_norm(bn) or bn.running_mean is None:
+        return False
+    if isinstance(linear, nn.modules.conv._ConvTransposeNd):
+        return False
+    axis = getattr(bn, "axis", 1)
+    if isinstance(linear, _CONVS):
+        ok = axis == 1
+    elif isinstance(linear, nn.Linear):  # features last: (N, C) inputs, or a channels-last normkit BN
+        ok = axis == -1 or (axis == 1 and isinstance(bn, (nn.BatchNorm1d, BatchNorm1d)))
+    else:
+        return False
+    return ok and bn.num_features == linear.weight.shape[0]
+
+
+def fuse_conv_bn(linear: nn.Module, bn: nn.Module) -> nn.Module:
+    r"""Fold an eval-mode batch norm into the Conv / Linear before it, in place.
+
+    With :math:`s = \gamma / \sqrt{\text{running\_var} + \epsilon}` per output channel:
+    :math:`W' = s\,W`, :math:`b' = s\,(b - \text{running\_mean}) + \beta`. A weight
+    parametrization (e.g. :func:`normkit.weight_standardization`) is baked in first.
+
+    Args:
+        linear: ``Conv1d/2d/3d`` or ``Linear`` whose output feeds ``bn``.
+        bn: ``torch.nn`` or normkit batch norm with running statistics, in eval mode (or
+            ``frozen``).
+
+    Returns:
+        ``linear`` (now followed by nothing: replace ``bn`` by ``nn.Identity()``).
+
+    Raises:
+        ValueError: ``bn`` is training (it would use batch statistics), has no running
+            statistics, or does not match ``linear``'s output channels.
+    """
+    if not _foldable(linear, bn):
+        raise ValueError(
+            f"cannot fold {type(bn).__name__} into {type(linear).__name__}: expected a batch norm with running "
+            "statistics on the output channels of a Conv1d/2d/3d or Linear (channel axis 1 after a conv, "
+            "features last after a Linear)"
+        )
+    if bn.training and not getattr(bn, "frozen", False):
+        raise ValueError(
+            f"cannot fold a {type(bn).__name__} in training mode (it normalises with batch statistics); "
+            "call model.eval() first"
+        )
+    if parametrize.is_parametrized(linear, "weight"):
+        parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+    with torch.no_grad():
+        w = linear.weight
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(dtype)
+        shift = -bn.running_mean.to(dtype) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(dtype)
+        if linear.bias is not None:
+            shift = shift + linear.bias.to(dtype) * scale
+        w.copy_((w.to(dtype) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        if linear.bias is None:
+            linear.bias = nn.Parameter(shift.to(w.dtype))
+        else:
+            linear.bias.copy_(shift.to(linear.bias.dtype))
+    return linear
+
+
+def fuse(model: nn.Module, pairs: Optional[Iterable[tuple[str, str]]] = None) -> nn.Module:
+    """Fold every eval-mode batch norm that directly follows a Conv / Linear, in place.
+
+    Scope: consecutive children of every ``nn.Sequential`` in the tree (a Conv1d/2d/3d or
+    Linear immediately followed by a ``torch.nn`` or normkit batch norm with running
+    statistics, including SN layers :func:`harden` turned into BN); each folded batch norm
+    becomes ``nn.Identity()``. For blocks that call their layers in ``forward`` (e.g. a
+    ResNet block's ``conv1`` / ``bn1``), name the pairs: ``pairs=[("layer1.0.conv1",
+    "layer1.0.bn1"), ...]``. Batch norms in training mode are skipped inside Sequentials
+    (fusing them would change the outputs) and rejected in ``pairs``. Transposed
+    convolutions are not folded. Outputs are unchanged up to rounding (folding is done in
+    float32 at least).
+
+    Args:
+        model: the network, in eval mode.
+        pairs: optional ``(linear_path, bn_path)`` module paths to fold as well.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: a pair that cannot be folded (see :func:`fuse_conv_bn`) or a path that
+            does not exist.
+
+    Examples::
+
+        >>> import torch, normkit
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+        >>> normkit.fuse(net)[1]
+        Identity()
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for first, second in zip(names, names[1:]):
+                linear, bn = module._modules[first], module._modules[second]
+                if _foldable(linear, bn) and (not bn.training or getattr(bn, "frozen", False)):
+                    fuse_conv_bn(linear, bn)
+                    module._modules[second] = nn.Identity()
+    for linear_path, bn_path in pairs or ():
+        linear, bn = _get(model, linear_path), _get(model, bn_path)
+        fuse_conv_bn(linear, bn)
+        parent, _, name = bn_path.rpartition(".")
+        setattr(_get(model, parent) if parent else model, name, nn.Identity())
+    return model
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"fuse: no module at path {path!r} in {type(model).__name__}") from None
