@@ -1,8 +1,15 @@
 import os
 import sys
+import warnings
 
 import pytest
 import torch
+
+# torch registers its forward-AD decompositions with torch.jit.script the first time jvp runs,
+# which warns that torch.jit.script is deprecated; import them once here, quietly.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: E402,F401
 
 sys.path.insert(0, os.path.dirname(__file__))
 

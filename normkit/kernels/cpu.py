@@ -206,6 +206,8 @@ def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, runn
     stats = torch.empty(stats_size(n, c), dtype=dtype)
     y = torch.empty_like(x)
     need_moments = int(constant_mask != (1 << k) - 1)
+    if not any(kind == 2 and not (constant_mask >> i) & 1 for i, kind in enumerate(kinds)):
+        stats[4 * n * c + c:].zero_()  # no batch statistics to write: the output stays defined
     _check(_FNS[x.dtype].layer_forward(
         nlc, x.data_ptr(), y.data_ptr(), n, c, length, k, (ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups),
         constant_mask, need_moments, stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
