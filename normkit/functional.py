@@ -52,7 +52,6 @@ from normkit._core import (
     check_weights,
     mask_for,
     merge_moments,
-    mix,
     moments,
     normalize_axis,
     parse_sources,
@@ -127,15 +126,15 @@ def normalize(
 
 
 def _mix_reading(spec: MixSpec, running_mean, running_var, m_in: Moments, mean_weights, var_weights, weight, bias):
-    return mix(spec, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
+    return spec.mix(m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
 
 
 def _reference(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, channel_axis, mask,
                process_group) -> tuple[Tensor, Optional[Moments]]:
     merge_batch = None if process_group is None else functools.partial(all_merge_moments, process_group=process_group)
     m_in = moments(x, channel_axis, mask)
-    mu, scale, shift, tracked = mix(spec, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var,
-                                    merge_batch)
+    mu, scale, shift, tracked = spec.mix(m_in, mean_weights, var_weights, weight, bias, running_mean, running_var,
+                                         merge_batch)
     if mask is None:
         return apply_affine(x, mu, scale, shift, channel_axis), tracked
     # Zero padded inputs before the affine too: the backward of (x - mu) * scale sums

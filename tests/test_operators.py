@@ -292,3 +292,24 @@ def test_invalid_backend_names_are_errors_listing_the_valid_ones():
     done = subprocess.run([sys.executable, "-c", "import normkit"], env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert "NORMKIT_BACKEND must be one of 'auto', 'reference', 'aten', 'cpu', 'triton', got 'cuda'" in done.stderr
+
+
+def test_a_new_spec_type_never_takes_a_kernel_written_for_another():
+    import dataclasses
+
+    from normkit._core import MixSpec
+
+    @dataclasses.dataclass(frozen=True)
+    class DoubledScale(MixSpec):  # a normalizer added "the obvious way": a subclass with its own maths
+        def mix(self, *args, **kwargs):
+            mu, scale, shift, tracked = super().mix(*args, **kwargs)
+            return mu, scale * 2, shift, tracked
+
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for backend in ("reference", "aten", "auto"):
+        with normkit.use_backend(backend):
+            doubled = F.normalize(x, DoubledScale(("bn",), 1e-5))
+            plain = F.normalize(x, MixSpec(("bn",), 1e-5))
+        torch.testing.assert_close(doubled, 2 * plain)
+    if CPU is not None:
+        assert CPU.runs_layer(MixSpec(("bn",), 1e-5)) and not CPU.runs_layer(DoubledScale(("bn",), 1e-5))

@@ -75,6 +75,13 @@ class MixSpec:
             return "bn"
         return "in" if self.running == "in" and self.sources == ("in",) else None
 
+    def mix(self, m_in: Moments, mean_weights: Optional[Tensor], var_weights: Optional[Tensor],
+            weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor] = None,
+            running_var: Optional[Tensor] = None, merge_batch: Optional[Callable[[Moments], Moments]] = None,
+            ) -> tuple[Tensor, Tensor, Tensor, Optional[Moments]]:
+        """This normalization's mix (see :func:`mix`); a spec with its own maths overrides it."""
+        return mix(self, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var, merge_batch)
+
     @property
     def codes(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """``(kinds, groups, constant_mask)``: this spec in the compiled mixer's terms."""

@@ -117,7 +117,7 @@ def _stat(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> N
     """A statistics tensor the C code reads or writes: exact shape, dtype, CPU, contiguous."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() \
+    if t.shape != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() \
             or t.layout != torch.strided:
         raise ValueError(
             f"{name} must be a contiguous CPU {dtype} tensor of shape {shape}, got a "
@@ -191,6 +191,20 @@ def _backward_apply(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, p: Tenso
 
 # ---- the whole layer (called by the validated operators) ----------------------------------
 
+_CODE_ARRAYS: dict[tuple, tuple] = {}
+
+
+def _code_arrays(kinds, groups) -> tuple:
+    """The ctypes arrays of a spec's source codes (built once per spec: they cost more than
+    the small-tensor kernel itself)."""
+    key = (tuple(kinds), tuple(groups))
+    arrays = _CODE_ARRAYS.get(key)
+    if arrays is None:
+        k = len(kinds)
+        arrays = _CODE_ARRAYS[key] = ((ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups))
+    return arrays
+
+
 def stats_size(n: int, c: int) -> int:
     """Entries of the statistics buffer: mean, var, mu, scale (N*C each); shift, batch
     mean, batch var (C each)."""
@@ -209,9 +223,9 @@ def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, runn
     if not any(kind == 2 and not (constant_mask >> i) & 1 for i, kind in enumerate(kinds)):
         stats[4 * n * c + c:].zero_()  # no batch statistics to write: the output stays defined
     _check(_FNS[x.dtype].layer_forward(
-        nlc, x.data_ptr(), y.data_ptr(), n, c, length, k, (ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups),
-        constant_mask, need_moments, stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
-        _ptr(running_var), _ptr(weight), _ptr(bias), eps, 0, 0.0, None, None, torch.get_num_threads()), "forward")
+        nlc, x.data_ptr(), y.data_ptr(), n, c, length, k, *_code_arrays(kinds, groups), constant_mask, need_moments,
+        stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
+        _ptr(bias), eps, 0, 0.0, None, None, torch.get_num_threads()), "forward")
     return y, stats
 
 
@@ -229,7 +243,7 @@ def layer_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean
                                          (dtype, dtype, torch.float64, torch.float64))]
     _check(_FNS[x.dtype].layer_backward(
         nlc, dy.data_ptr(), x.data_ptr(), dx.data_ptr() if want_dx else None, n, c, length, k,
-        (ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups), constant_mask, stats.data_ptr(),
+        *_code_arrays(kinds, groups), constant_mask, stats.data_ptr(),
         _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight), eps,
         *[g.data_ptr() if g.numel() else None for g in grads], torch.get_num_threads()), "backward")
     return (dx, *grads)
