@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import normkit
+from normkit.nn.registry import KINDS, dim_of, kind_named, kind_of
 
 
 # ---------------------------------------------------------------------------------- create_norm
@@ -193,3 +194,24 @@ def test_convert_keeps_batch_statistics_in_eval_without_running_stats():
     new = normkit.convert(old, "switch", sources=("bn",))
     assert new.running_mean is None and new.weight is None and not new.training
     torch.testing.assert_close(new(x), expected)
+
+
+class SubclassOf3d(nn.BatchNorm3d):
+    pass
+
+
+def test_convert_takes_dim_from_a_subclass_base():
+    assert type(normkit.convert(SubclassOf3d(4), "switch")) is normkit.SwitchNorm3d
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.name)
+def test_every_registry_kind_builds_by_each_of_its_names(kind):
+    assert kind_named(kind.name) is kind and kind.name in kind.aliases
+    for name in kind.aliases:
+        assert kind_named(name.upper()) is kind
+    for dim in (1, 2, 3):
+        layer = normkit.create_norm(kind.name, 8, dim=dim)
+        assert kind_of(layer) is kind
+        assert dim_of(layer) in (dim, None)
+        if kind.convertible:
+            assert kind_of(normkit.convert(nn.BatchNorm2d(8), kind.name, dim=dim)) is kind

@@ -37,6 +37,15 @@ def check_float_input(x: object, name: str = "input") -> None:
         raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; use x.to_dense()")
 
 
+def _check_float_on(t: Tensor, name: str, device: torch.device) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}; move it with .to({str(device)!r})")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def check_vector(t: Optional[Tensor], name: str, size: int, device: torch.device) -> None:
     """A per-channel tensor (weight, bias, running buffer) must be a float (size,) tensor on
     the input's device; None passes."""
@@ -49,12 +58,7 @@ def check_vector(t: Optional[Tensor], name: str, size: int, device: torch.device
             f"{name} should contain {size} elements not {t.numel()} (expected shape ({size},), one per channel, "
             f"got shape {tuple(t.shape)})"
         )
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the input is on {device}; move it with .to({str(device)!r})")
-    if t.layout != torch.strided:
-        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    _check_float_on(t, name, device)
 
 
 def check_weights(t: Optional[Tensor], name: str, sources: tuple[str, ...], device: torch.device) -> None:
@@ -68,9 +72,4 @@ def check_weights(t: Optional[Tensor], name: str, sources: tuple[str, ...], devi
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) != (k,):
         raise ValueError(f"{name} must have shape ({k},), one entry per source {sources}, got {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the input is on {device}; move it with .to({str(device)!r})")
-    if t.layout != torch.strided:
-        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    _check_float_on(t, name, device)

@@ -1,7 +1,11 @@
-"""normkit's layers: drop-in batch, group, layer and instance norms, and Switchable Norm."""
+"""normkit's layers: drop-in batch, group, layer and instance norms, and Switchable Norm.
+
+``registry`` is the one table of these layer kinds (:data:`KINDS`) that the model tools read.
+"""
 
 from normkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normkit.nn.norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
+from normkit.nn.registry import KINDS, NormKind, kind_named, kind_of
 from normkit.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
 
 __all__ = [
@@ -16,4 +20,8 @@ __all__ = [
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
+    "KINDS",
+    "NormKind",
+    "kind_named",
+    "kind_of",
 ]

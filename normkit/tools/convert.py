@@ -19,57 +19,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from normkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from normkit.nn.norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, _InstanceNorm
-from normkit.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
+from normkit.nn.registry import CONVERTIBLE, KINDS, NORM_NAMES, NormKind, check_dim, dim_of, kind_named, kind_of
 
 __all__ = ["create_norm", "convert", "NORM_NAMES"]
-
-_ALIASES = {
-    "bn": "batch", "batch": "batch", "batchnorm": "batch",
-    "sn": "switch", "switch": "switch", "switchnorm": "switch",
-    "gn": "group", "group": "group", "groupnorm": "group",
-    "ln": "layer", "layer": "layer", "layernorm": "layer",
-    "in": "instance", "instance": "instance", "instancenorm": "instance",
-    "none": "none", "identity": "none",
-}
-#: Names accepted by :func:`create_norm` (aliases of the same kind are listed together).
-NORM_NAMES = ("bn/batch", "sn/switch", "gn/group", "ln/layer", "in/instance", "none/identity")
-
-_BY_DIM = {
-    "batch": (BatchNorm1d, BatchNorm2d, BatchNorm3d),
-    "switch": (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d),
-    "instance": (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d),
-}
-
-
-def _divisor_at_most(num_channels: int, limit: int) -> int:
-    return max(g for g in range(1, min(limit, num_channels) + 1) if num_channels % g == 0)
-
-
-def _kind(name: str) -> str:
-    kind = _ALIASES.get(name.lower()) if isinstance(name, str) else None
-    if kind is None:
-        raise ValueError(f"unknown normalization name {name!r}; valid names are {', '.join(NORM_NAMES)}")
-    return kind
-
-
-def _check_dim(dim: Any) -> int:
-    if dim not in (1, 2, 3):
-        raise ValueError(f"dim must be 1, 2 or 3 (the number of spatial dims of (N, C, *S) inputs), got {dim!r}")
-    return dim
-
-
-def _build(kind: str, num_features: int, dim: int, kw: dict[str, Any]) -> nn.Module:
-    if kind == "none":
-        return nn.Identity()
-    if kind == "group":
-        groups = kw.pop("num_groups", None)
-        groups = _divisor_at_most(num_features, 32) if groups is None else groups
-        return GroupNorm(groups, num_features, **kw)
-    if kind == "layer":
-        return GroupNorm(1, num_features, **kw)
-    return _BY_DIM[kind][_check_dim(dim) - 1](num_features, **kw)
 
 
 def create_norm(name: str, num_features: int, **kw: Any) -> nn.Module:
@@ -89,7 +41,7 @@ def create_norm(name: str, num_features: int, **kw: Any) -> nn.Module:
     ``"none"``, ``"identity"``    ``torch.nn.Identity()`` (for "no normalization" baselines)
     ============================  ==========================================================
 
-    Names are case-insensitive.
+    Names are case-insensitive; the kinds are the rows of :data:`normkit.nn.registry.KINDS`.
 
     Args:
         name: one of the names above.
@@ -109,34 +61,20 @@ def create_norm(name: str, num_features: int, **kw: Any) -> nn.Module:
         >>> normkit.create_norm("gn", 48)
         GroupNorm(24, 48, eps=1e-05, affine=True)
     """
-    kind = _kind(name)
-    dim = kw.pop("dim", 2)
-    if kind == "instance":
-        kw.setdefault("affine", True)
-    return _build(kind, num_features, dim, kw)
+    kind = kind_named(name)
+    return kind.create(num_features, kw.pop("dim", 2), **kw)
 
 
 # --------------------------------------------------------------------------------------------
 # convert
 
-_TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_TORCH_IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_NORMKIT_BN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
-_NORMKIT_IN = (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d)
-_NORMKIT_SN = (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d)
-_CONVERTIBLE = _TORCH_BN + _TORCH_IN + (nn.GroupNorm,) + _NORMKIT_BN + _NORMKIT_IN + _NORMKIT_SN + (GroupNorm,)
-_DIM_OF = {
-    cls: d + 1
-    for group in (_TORCH_BN[:3], _TORCH_IN, _NORMKIT_BN, _NORMKIT_IN, _NORMKIT_SN)
-    for d, cls in enumerate(group)
-}
-TARGETS = ("switch", "batch", "group", "layer", "instance", "sync")
+TARGETS = tuple(kind.name for kind in KINDS if kind.convertible) + ("sync",)
 
 
 def _known_base(module: nn.Module) -> Optional[type]:
     """The convertible class ``module`` is (or derives from), or None."""
     for cls in type(module).__mro__:
-        if cls in _CONVERTIBLE:
+        if cls in CONVERTIBLE:
             return cls
     return None
 
@@ -145,7 +83,8 @@ def _running_kind(module: nn.Module) -> Optional[str]:
     """'bn' for per-channel population statistics, 'in' for torch's instance definition."""
     if getattr(module, "running_mean", None) is None:
         return None
-    return "in" if isinstance(module, (_InstanceNorm, nn.modules.instancenorm._InstanceNorm)) else "bn"
+    kind = kind_of(module)
+    return "bn" if kind is None else kind.running  # a target class of no kind: taken as BN-like
 
 
 def _factory_of(module: nn.Module) -> dict[str, Any]:
@@ -188,41 +127,43 @@ def _constructor_kw(old: nn.Module, cls: Callable[..., nn.Module], options: dict
         inherited["axis"] = old.axis
     if hasattr(old, "affine"):
         inherited["affine"] = old.affine
-    instance_target = isinstance(cls, type) and issubclass(cls, (_InstanceNorm, nn.modules.instancenorm._InstanceNorm))
-    if hasattr(old, "track_running_stats") and not instance_target:
-        # a layer without running statistics normalises with batch statistics in eval too
+    target = kind_of(cls) if isinstance(cls, type) else None
+    if hasattr(old, "track_running_stats") and (target is None or target.running != "in"):
+        # a layer without running statistics normalises with batch statistics in eval too; an
+        # instance norm's running statistics are per-sample ones, which it keeps off by default
         inherited["track_running_stats"] = old.track_running_stats
+    return dict(_taken_by(cls, inherited), **options)
+
+
+def _taken_by(cls: Callable[..., Any], kw: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``kw`` that ``cls``'s constructor takes (all of them if it takes ``**kwargs``)."""
     params = inspect.signature(cls).parameters
     open_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kw = {k: v for k, v in inherited.items() if open_kw or k in params}
-    kw.update(options)
-    return kw
+    return {k: v for k, v in kw.items() if open_kw or k in params}
 
 
 def _num_features(module: nn.Module) -> int:
-    return module.num_channels if isinstance(module, (nn.GroupNorm, GroupNorm)) else module.num_features
+    return module.num_features if hasattr(module, "num_features") else module.num_channels  # torch.nn.GroupNorm's name
 
 
 def _replace(old: nn.Module, target: Any, dim: Optional[int], options: dict[str, Any], process_group: Any) -> nn.Module:
     c = _num_features(old)
-    layer_dim = _check_dim(dim or _DIM_OF.get(type(old), 2))
+    layer_dim = check_dim(dim or dim_of(old) or 2)
+    kind = kind_of(old)
     if target == "sync":
-        if isinstance(old, _TORCH_BN):
-            cls = _BY_DIM["batch"][layer_dim - 1]
-            new = _carry(old, cls(c, **_constructor_kw(old, cls, options)))
-        elif isinstance(old, (*_NORMKIT_BN, *_NORMKIT_SN)):
-            new = old
-        else:
-            return old
+        if kind.running != "bn":
+            return old  # only statistics over the batch are merged across processes
+        new = old
+        if not isinstance(old, kind.classes):  # a torch.nn layer: its normkit namesake takes a process group
+            cls = kind.class_for(layer_dim)
+            new = _carry(old, kind.create(c, layer_dim, **_constructor_kw(old, cls, options)))
         new.process_group = process_group
         return new
-    if isinstance(target, str):
-        cls = GroupNorm if target in ("group", "layer") else _BY_DIM[target][layer_dim - 1]
-        same = type(old) is cls and not options and (target != "layer" or old.num_groups == 1)
-        if same and target != "group":
+    if isinstance(target, NormKind):
+        cls = target.class_for(layer_dim)
+        if kind is target and type(old) is cls and not options and not target.rebuilds:
             return old  # already the requested kind
-        kw = _constructor_kw(old, cls, options)
-        new = _build(target, c, layer_dim, kw)
+        new = target.create(c, layer_dim, **_constructor_kw(old, cls, options))
     elif isinstance(target, type):
         new = target(c, **_constructor_kw(old, target, options))
     else:
@@ -291,8 +232,8 @@ def convert(
     """
     if isinstance(to, str):
         name = to.lower()
-        to = "sync" if name in ("sync", "syncbn") else _kind(name)
-        if to == "none":
+        to = "sync" if name in ("sync", "syncbn") else kind_named(name)
+        if to != "sync" and not to.convertible:
             raise ValueError(f"convert target must be one of {TARGETS}, a class or a factory, got {name!r}")
     elif not callable(to):
         raise ValueError(f"convert target must be one of {TARGETS}, a class or a factory, got {to!r}")
@@ -304,7 +245,7 @@ def convert(
                 "first or pass process_group=..."
             )
     if dim is not None:
-        _check_dim(dim)
+        check_dim(dim)
     done: dict[int, nn.Module] = {}
 
     def visit(module: nn.Module, path: str) -> nn.Module:

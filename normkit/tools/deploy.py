@@ -14,21 +14,15 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.utils import parametrize
 
-from normkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
-from normkit.nn.norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
-from normkit.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, _SwitchNorm
+from normkit.nn.registry import dim_of, kind_for_source, kind_of
+from normkit.tools.convert import _taken_by
 
 __all__ = ["harden", "fuse", "fuse_conv_bn"]
 
-_DIM = {SwitchNorm1d: 1, SwitchNorm2d: 2, SwitchNorm3d: 3}
-_BN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
-_IN = (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d)
 
-
-def _chosen_source(sn: _SwitchNorm, threshold: float) -> Optional[str]:
+def _chosen_source(sn: nn.Module, threshold: float) -> Optional[str]:
     mean_w, var_w = sn.mean_weights.detach(), sn.var_weights.detach()
     k = int(mean_w.argmax())
     if float(mean_w[k]) >= threshold and float(var_w[k]) >= threshold:
@@ -36,28 +30,31 @@ def _chosen_source(sn: _SwitchNorm, threshold: float) -> Optional[str]:
     return None
 
 
-def _plain_layer(sn: _SwitchNorm, source: str) -> Optional[nn.Module]:
-    c = sn.num_features
+def _plain_layer(sn: nn.Module, source: str) -> Optional[nn.Module]:
+    """The layer of the kind ``source`` equals, with ``sn``'s options; None where that kind
+    cannot express them."""
+    kind, options = kind_for_source(source)
+    dim = dim_of(sn) or 2
     ref = sn.mean_logits
-    factory = {"device": ref.device, "dtype": ref.dtype}
-    dim = next((d for cls, d in _DIM.items() if isinstance(sn, cls)), 2)
-    flags = {"center": sn.center, "scale": sn.scale, "axis": sn.axis, **factory}
-    if source == "bn":
-        new = _BN[dim - 1](
-            c, sn.eps, sn.momentum, sn.affine, sn.track_running_stats,
-            frozen=sn.frozen, process_group=sn.process_group, **flags,
-        )
-        if sn.running_mean is not None:
-            with torch.no_grad():
-                new.running_mean.copy_(sn.running_mean)
-                new.running_var.copy_(sn.running_var)
-                new.num_batches_tracked.copy_(sn.num_batches_tracked)
-    elif source == "in":
-        new = _IN[dim - 1](c, sn.eps, affine=sn.affine, track_running_stats=False, **flags)
-    else:  # 'ln' is one group; 'gnG' is G groups
-        if not (sn.affine and sn.center and sn.scale):
-            return None  # GroupNorm has no center/scale-only variant: keep the SN layer
-        new = GroupNorm(1 if source == "ln" else int(source[2:]), c, sn.eps, sn.affine, axis=sn.axis, **factory)
+    kw = {"eps": sn.eps, "affine": sn.affine, "center": sn.center, "scale": sn.scale, "axis": sn.axis,
+          "device": ref.device, "dtype": ref.dtype, **options}
+    # SN's running statistics are its BN source's: only a kind tracking those takes them over;
+    # the other sources always use the sample's statistics.
+    takes_running = kind.running == "bn"
+    if takes_running:
+        kw.update(momentum=sn.momentum, track_running_stats=sn.track_running_stats, frozen=sn.frozen,
+                  process_group=sn.process_group)
+    else:
+        kw["track_running_stats"] = False
+    kw = _taken_by(kind.class_for(dim), kw)
+    if not (sn.affine and sn.center and sn.scale) and not {"center", "scale"} <= kw.keys():
+        return None  # no center/scale-only variant (GroupNorm): keep the SN layer
+    new = kind.create(sn.num_features, dim, **kw)
+    if takes_running and sn.running_mean is not None:
+        with torch.no_grad():
+            new.running_mean.copy_(sn.running_mean)
+            new.running_var.copy_(sn.running_var)
+            new.num_batches_tracked.copy_(sn.num_batches_tracked)
     with torch.no_grad():
         for name in ("weight", "bias"):
             if getattr(sn, name) is not None:
@@ -124,7 +121,8 @@ def harden(model: nn.Module, threshold: float = 0.99) -> nn.Module:
         raise ValueError(f"threshold must be in (0.5, 1] so that at most one source qualifies, got {threshold}")
 
     def make(module: nn.Module) -> Optional[nn.Module]:
-        if not isinstance(module, _SwitchNorm):
+        kind = kind_of(module)
+        if kind is None or not kind.switchable:
             return None
         source = _chosen_source(module, threshold)
         return module if source is None else (_plain_layer(module, source) or module)
@@ -138,13 +136,10 @@ def harden(model: nn.Module, threshold: float = 0.99) -> nn.Module:
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, (_TorchBatchNorm, _BatchNorm))
-
-
 def _foldable(linear: nn.Module, bn: nn.Module) -> bool:
     """Whether ``bn`` directly after ``linear`` is an affine map on ``linear``'s output channels."""
-    if not _is_batch_norm(bn) or bn.running_mean is None:
+    kind = kind_of(bn)
+    if kind is None or not kind.foldable or bn.running_mean is None:
         return False
     if isinstance(linear, nn.modules.conv._ConvTransposeNd):
         return False
@@ -152,7 +147,7 @@ def _foldable(linear: nn.Module, bn: nn.Module) -> bool:
     if isinstance(linear, _CONVS):
         ok = axis == 1
     elif isinstance(linear, nn.Linear):  # features last: (N, C) inputs, or a channels-last normkit BN
-        ok = axis == -1 or (axis == 1 and isinstance(bn, (nn.BatchNorm1d, BatchNorm1d)))
+        ok = axis == -1 or (axis == 1 and dim_of(bn) == 1)
     else:
         return False
     return ok and bn.num_features == linear.weight.shape[0]

@@ -15,7 +15,7 @@ from typing import Any, Union
 
 from torch import nn
 
-from normkit.nn.switchnorm import _SwitchNorm
+from normkit.nn.registry import kind_of
 
 __all__ = ["ImportanceRow", "ImportanceReport", "importance_report", "plot_importance", "SOURCE_COLOURS"]
 
@@ -117,7 +117,8 @@ def importance_report(model: nn.Module) -> ImportanceReport:
     """
     rows = []
     for name, module in model.named_modules():
-        if isinstance(module, _SwitchNorm):
+        kind = kind_of(module)
+        if kind is not None and kind.switchable:
             rows.append(
                 ImportanceRow(
                     name or type(module).__name__,

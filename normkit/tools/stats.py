@@ -20,31 +20,18 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
 from normkit._core import Moments, merge_moments, moments
 from normkit.distributed import all_merge_moments
 from normkit.nn._base import NormBase
-from normkit.nn.norms import _InstanceNorm
+from normkit.nn.registry import running_of
 
 __all__ = ["RecomputeReport", "recompute_stats", "freeze_stats", "unfreeze_stats", "reset_stats"]
 
 
-def _has_running_stats(module: nn.Module) -> bool:
-    return (
-        isinstance(module, (NormBase, _TorchBatchNorm, _TorchInstanceNorm))
-        and getattr(module, "running_mean", None) is not None
-    )
-
-
-def _is_instance_kind(module: nn.Module) -> bool:
-    """Running statistics defined per sample (torch.nn.InstanceNorm*d's definition)."""
-    return isinstance(module, (_InstanceNorm, _TorchInstanceNorm))
-
-
 def _stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name or type(model).__name__, m) for name, m in model.named_modules() if _has_running_stats(m)]
+    """The layers with running statistics (of a registered kind), by module path."""
+    return [(name or type(model).__name__, m) for name, m in model.named_modules() if running_of(m) is not None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +229,7 @@ def recompute_stats(
         if getattr(module, "frozen", False):
             frozen.append(name)
         else:
-            accumulators[name] = _Accumulator(module, _is_instance_kind(module))
+            accumulators[name] = _Accumulator(module, running_of(module) == "in")
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("x", kwargs.get("input"))
