@@ -55,6 +55,7 @@ from normkit._core import (
     moments,
     normalize_axis,
     parse_sources,
+    softmax_weights,
     update_running,
 )
 from normkit.distributed import all_merge_moments
@@ -144,18 +145,29 @@ def _reference(x, spec, weight, bias, mean_weights, var_weights, running_mean, r
     return torch.where(valid, y, 0.0), tracked
 
 
+def _channel_axis(x: Tensor, channel_axis: int) -> int:
+    """Check a functional op's input and return its non-negative channel axis."""
+    check_float_input(x, "x")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a batch and a channel dim, got a {x.dim()}-D input of shape {tuple(x.shape)}")
+    axis = normalize_axis(channel_axis, x.dim())
+    if axis == 0:
+        raise ValueError(f"channel_axis must not be the batch axis 0, got channel_axis={channel_axis}")
+    return axis
+
+
 def _check_small(x: Tensor, c: int, **tensors: Optional[Tensor]) -> None:
     for name, t in tensors.items():
         check_vector(t, name, c, x.device)
 
 
-def _weights(logits: Optional[Tensor], name: str, sources: tuple[str, ...], x: Tensor) -> Optional[Tensor]:
-    """SN's policy: importance weights are the softmax of the logits (none for one source),
-    in float64 (their gradient sums many statistics, which float32 would cancel)."""
+def _weights(mean_logits: Optional[Tensor], var_logits: Optional[Tensor], sources: tuple[str, ...], x: Tensor):
+    """SN's policy: importance weights are the softmax of the logits (none for one source)."""
     if len(sources) == 1:
-        return None
-    check_weights(logits, name, sources, x.device)
-    return torch.softmax(logits, 0, dtype=torch.float64)
+        return None, None
+    check_weights(mean_logits, "mean_logits", sources, x.device)
+    check_weights(var_logits, "var_logits", sources, x.device)
+    return softmax_weights(mean_logits, var_logits)
 
 
 def run(
@@ -226,13 +238,11 @@ def switch_norm(
             channel leaves the running averages unchanged.
         process_group: merge BN statistics across this ``torch.distributed`` group in training.
     """
-    check_float_input(x, "x")
-    axis = normalize_axis(channel_axis, x.dim())
+    axis = _channel_axis(x, channel_axis)
     sources = parse_sources(sources, x.shape[axis])
     check_eps(eps)
     check_momentum(momentum)
-    mean_weights = _weights(mean_logits, "mean_logits", sources, x)
-    var_weights = _weights(var_logits, "var_logits", sources, x)
+    mean_weights, var_weights = _weights(mean_logits, var_logits, sources, x)
     use_batch = training or running_mean is None
     if "bn" in sources and not use_batch and running_var is None:
         raise ValueError("running_var is required with running_mean when not training")
@@ -284,8 +294,7 @@ def instance_norm(
 ) -> Tensor:
     """Instance Normalization, as ``torch.nn.functional.instance_norm`` (running statistics
     are averages of the per-sample estimates), plus ``channel_axis`` and ``mask``."""
-    check_float_input(x, "x")
-    axis = normalize_axis(channel_axis, x.dim())
+    axis = _channel_axis(x, channel_axis)
     check_eps(eps)
     check_momentum(momentum)
     use_batch = use_input_stats or running_mean is None
@@ -307,8 +316,7 @@ def group_norm(
 ) -> Tensor:
     """Group Normalization, as ``torch.nn.functional.group_norm``, plus ``channel_axis`` and
     ``mask``. ``num_groups`` must divide the channel count."""
-    check_float_input(x, "x")
-    axis = normalize_axis(channel_axis, x.dim())
+    axis = _channel_axis(x, channel_axis)
     c = x.shape[axis]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise ValueError(f"num_groups must divide the number of channels {c}, got {num_groups}")
@@ -348,6 +356,8 @@ def layer_norm(
         if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != normalized_shape):
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name} must have the normalized shape {normalized_shape}, got {got}")
+        if t is not None:
+            check_float_input(t, name)
     lead = x.shape[: x.dim() - k]
     rows = x.reshape(-1, 1, math.prod(normalized_shape))
     valid_rows = None if mask is None else broadcast_mask(mask, lead, x.device, "the input's leading dims")

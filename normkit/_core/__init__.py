@@ -27,6 +27,7 @@ from normkit._core.moments import (
 )
 from normkit._core.sources import VALID_SOURCES_TEXT, parse_sources, source_code, source_moments
 from normkit._core.spec import MixSpec, apply_affine, mix, spec_from_codes, update_running
+from normkit._core.weights import softmax_weights
 
 __all__ = [
     "Moments",
@@ -48,6 +49,7 @@ __all__ = [
     "parse_sources",
     "reduce_dims",
     "source_code",
+    "softmax_weights",
     "source_moments",
     "spec_from_codes",
     "stat_dtype",

@@ -143,3 +143,8 @@ def status() -> dict[str, Any]:
             "reason": None if kernels is not None else _reasons.get(name),
         }
     return report
+
+
+# Register the CPU operators (torch.ops.normkit.*) on import, so that they exist for direct
+# calls and for loading exported programs; a library that cannot load is only recorded.
+load("cpu")

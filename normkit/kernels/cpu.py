@@ -99,7 +99,8 @@ def matching(t: Tensor, like: Tensor, nlc: int, axis: int) -> Tensor:
     return out
 
 
-def _supports(x: Tensor, axis: int) -> Optional[str]:
+def _refusal(x: Tensor) -> Optional[str]:
+    """Why the C kernels cannot take x whatever its layout, or None."""
     if x.device.type != "cpu":
         return f"the C kernels run on CPU tensors, got a {x.device.type} tensor"
     if x.dtype not in _FNS:
@@ -108,9 +109,18 @@ def _supports(x: Tensor, axis: int) -> Optional[str]:
         return f"layout {x.layout} is not strided"
     if x.numel() == 0:
         return "empty input"
-    if layout_of(x, axis) is None:
-        return f"memory layout with strides {x.stride()} is neither channels-first nor channels-last"
     return None
+
+
+def _layout_refusal(x: Tensor) -> str:
+    return f"memory layout with strides {x.stride()} is neither channels-first nor channels-last"
+
+
+def _supports(x: Tensor, axis: int) -> Optional[str]:
+    reason = _refusal(x)
+    if reason is None and layout_of(x, axis) is None:
+        reason = _layout_refusal(x)
+    return reason
 
 
 def _stat(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -132,10 +142,13 @@ def check_pass_input(x: Tensor, axis: int) -> tuple[int, int, int, int]:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(axis, int) or not 0 < axis < max(x.dim(), 1):
         raise ValueError(f"axis must be a channel axis in [1, {x.dim() - 1}], got {axis!r}")
-    reason = _supports(x, axis)
+    reason = _refusal(x)
+    layout = layout_of(x, axis) if reason is None else None
+    if reason is None and layout is None:
+        reason = _layout_refusal(x)
     if reason is not None:
         raise ValueError(f"the normkit CPU kernels cannot take this input: {reason}")
-    return layout_of(x, axis)  # type: ignore[return-value]
+    return layout  # type: ignore[return-value]
 
 
 def _like_x(t: Tensor, x: Tensor, name: str) -> None:
@@ -145,6 +158,17 @@ def _like_x(t: Tensor, x: Tensor, name: str) -> None:
 
 
 # ---- the four passes (the generic fused path) ----------------------------------------------
+
+def _per_row(t: Tensor, name: str, n: int, c: int, dtype: torch.dtype) -> Tensor:
+    """An (N, C) statistic (or one that broadcasts to it) as the contiguous CPU buffer C reads."""
+    if not isinstance(t, Tensor) or t.device.type != "cpu" or t.layout != torch.strided or not t.is_floating_point():
+        got = f"a {t.device.type} {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a floating-point CPU tensor that broadcasts to ({n}, {c}), got {got}")
+    try:
+        return t.to(dtype).expand(n, c).contiguous()
+    except RuntimeError:
+        raise ValueError(f"{name} must broadcast to ({n}, {c}), got shape {tuple(t.shape)}") from None
+
 
 def _moments(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
     nlc, n, c, length = check_pass_input(x, axis)
@@ -157,8 +181,8 @@ def _moments(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
 def _apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
     nlc, n, c, length = check_pass_input(x, axis)
     dtype = stat_dtype(x.dtype)
-    mu, scale = (t.to(dtype).expand(n, c).contiguous() for t in (mu, scale))
-    shift = shift.to(dtype).contiguous()
+    mu, scale = _per_row(mu, "mu", n, c, dtype), _per_row(scale, "scale", n, c, dtype)
+    shift = shift.to(dtype).contiguous() if isinstance(shift, Tensor) else shift
     _stat(shift, "shift", (c,), dtype)
     y = torch.empty_like(x)
     _FNS[x.dtype].apply(nlc, x.data_ptr(), y.data_ptr(), n, c, length, mu.data_ptr(), scale.data_ptr(),
@@ -170,7 +194,7 @@ def _reduce(dy: Tensor, x: Tensor, mean: Tensor, axis: int) -> tuple[Tensor, Ten
     nlc, n, c, length = check_pass_input(x, axis)
     _like_x(dy, x, "dy")
     dy = matching(dy, x, nlc, axis)
-    mean = mean.to(stat_dtype(x.dtype)).expand(n, c).contiguous()
+    mean = _per_row(mean, "mean", n, c, stat_dtype(x.dtype))
     sums = torch.empty(2, n, c, dtype=mean.dtype)
     _check(_FNS[x.dtype].reduce(nlc, dy.data_ptr(), x.data_ptr(), n, c, length, mean.data_ptr(),
                                 sums[0].data_ptr(), sums[1].data_ptr(), torch.get_num_threads()), "reduce")
@@ -182,7 +206,8 @@ def _backward_apply(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, p: Tenso
     _like_x(dy, x, "dy")
     dy = matching(dy, x, nlc, axis)
     dtype = stat_dtype(x.dtype)
-    mean, scale, p, q = (t.to(dtype).expand(n, c).contiguous() for t in (mean, scale, p, q))
+    mean, scale, p, q = (_per_row(t, name, n, c, dtype) for t, name in ((mean, "mean"), (scale, "scale"), (p, "p"),
+                                                                        (q, "q")))
     dx = torch.empty_like(x)
     _FNS[x.dtype].backward_apply(nlc, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, mean.data_ptr(),
                                  scale.data_ptr(), p.data_ptr(), q.data_ptr(), torch.get_num_threads())
@@ -212,9 +237,9 @@ def stats_size(n: int, c: int) -> int:
 
 
 def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                  constant_mask, eps, axis):
-    """One C call: moments, mix, apply."""
-    nlc, n, c, length = layout_of(x, axis)  # type: ignore[misc]
+                  constant_mask, eps, axis, layout=None):
+    """One C call: moments, mix, apply (``layout``: x's, when the caller has it)."""
+    nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
     dtype = stat_dtype(x.dtype)
     k = len(kinds)
     stats = torch.empty(stats_size(n, c), dtype=dtype)
@@ -230,9 +255,9 @@ def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, runn
 
 
 def layer_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                   constant_mask, eps, axis, output_mask):
+                   constant_mask, eps, axis, output_mask, layout=None):
     """One C call: the two backward sums, the closed-form mix backward, dx."""
-    nlc, n, c, length = layout_of(x, axis)  # type: ignore[misc]
+    nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
     dtype = stats.dtype
     k = len(kinds)
     dy = matching(dy, x, nlc, axis)

@@ -93,11 +93,13 @@ def _validate_small(x: Tensor, c: int, k: int, weight, bias, mean_weights, var_w
 
 
 def _validate_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                      constant_mask, eps, axis) -> None:
-    _, n, c, _ = cpu.check_pass_input(x, axis)
+                      constant_mask, eps, axis) -> tuple[int, int, int, int]:
+    layout = cpu.check_pass_input(x, axis)
+    c = layout[2]
     _validate_spec(c, kinds, groups, constant_mask, eps)
     _validate_small(x, c, len(kinds), weight, bias, mean_weights, var_weights, running_mean, running_var,
                     constant_mask)
+    return layout
 
 
 def _validate_update(running_mean, running_var, stats, n, c, length, track, momentum) -> None:
@@ -111,14 +113,22 @@ def _validate_update(running_mean, running_var, stats, n, c, length, track, mome
     cpu._stat(running_var, "running_var", (c,), dtype)
     if not (isinstance(momentum, float) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if n * length >= 2**62:
+        raise ValueError(f"n * length = {n * length} values is out of range for the running update")
+    if running_mean.requires_grad or running_var.requires_grad:
+        raise RuntimeError("running_mean and running_var must not require grad: they are updated in place")
+
+
+def _validate_dy(dy, x) -> None:
+    cpu._like_x(dy, x, "dy")
+    if dy.dtype not in cpu.DTYPES:
+        raise ValueError(f"dy must have a floating dtype in {cpu.DTYPES}, got {dy.dtype}")
 
 
 def _validate_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
                        constant_mask, eps, axis, output_mask) -> None:
     _, n, c, _ = cpu.check_pass_input(x, axis)
-    cpu._like_x(dy, x, "dy")
-    if dy.dtype not in cpu.DTYPES:
-        raise ValueError(f"dy must have a floating dtype in {cpu.DTYPES}, got {dy.dtype}")
+    _validate_dy(dy, x)
     _validate_spec(c, kinds, groups, constant_mask, eps)
     _validate_small(x, c, len(kinds), weight, None, mean_weights, var_weights, running_mean, running_var,
                     constant_mask)
@@ -134,8 +144,8 @@ def _layer_forward_cpu(x, weight, bias, mean_weights, var_weights, running_mean,
                        constant_mask, eps, axis):
     args = (x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups, constant_mask,
             eps, axis)
-    _validate_forward(*args)
-    return cpu.layer_forward(*args)
+    layout = _validate_forward(*args)
+    return cpu.layer_forward(*args, layout=layout)
 
 
 def _update_running_cpu(running_mean, running_var, stats, n, c, length, track, momentum):
@@ -147,7 +157,9 @@ def _update_running_cpu(running_mean, running_var, stats, n, c, length, track, m
 
 @torch.library.register_fake("normkit::update_running_", lib=_lib)
 def _update_running_fake(running_mean, running_var, stats, n, c, length, track, momentum):
-    return None
+    _same_device(stats, running_mean=running_mean, running_var=running_var)
+    if tuple(running_mean.shape) != (c,) or tuple(running_var.shape) != (c,) or tuple(stats.shape) != (4 * n * c + 3 * c,):
+        raise ValueError(f"running_mean and running_var must have shape ({c},) and stats ({4 * n * c + 3 * c},)")
 
 
 def _layer_backward_cpu(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
@@ -158,17 +170,47 @@ def _layer_backward_cpu(dy, x, stats, weight, mean_weights, var_weights, running
     return cpu.layer_backward(*args)
 
 
+def _same_device(x: Tensor, **tensors) -> None:
+    """Fake and meta calls run no kernel, but a mixed-device call must fail there too."""
+    for name, t in tensors.items():
+        if t is not None and (not isinstance(t, Tensor) or t.device != x.device):
+            got = t.device if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be on the input's device {x.device}, got {got}")
+
+
+def _fake_shapes(x: Tensor, axis: int, kinds, groups, constant_mask: int, eps: float, **tensors) -> tuple[int, int]:
+    if not 0 < axis < x.dim():
+        raise ValueError(f"axis must be a channel axis in [1, {x.dim() - 1}], got {axis}")
+    n, c = x.shape[0], x.shape[axis]
+    _validate_spec(c, kinds, groups, constant_mask, eps)
+    for name, t in tensors.items():
+        size = len(kinds) if name.endswith("weights") else c
+        if t is not None and tuple(t.shape) != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}")
+    return n, c
+
+
 @torch.library.register_fake("normkit::layer_forward", lib=_lib)
 def _layer_forward_fake(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
                         constant_mask, eps, axis):
-    n, c = x.shape[0], x.shape[axis]
+    small = dict(weight=weight, bias=bias, mean_weights=mean_weights, var_weights=var_weights,
+                 running_mean=running_mean, running_var=running_var)
+    _same_device(x, **small)
+    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, **small)
     return torch.empty_like(x), x.new_empty(4 * n * c + 3 * c, dtype=stat_dtype(x.dtype))
 
 
 @torch.library.register_fake("normkit::layer_backward", lib=_lib)
 def _layer_backward_fake(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
                          constant_mask, eps, axis, output_mask):
-    c, k, dtype = x.shape[axis], len(kinds), stats.dtype
+    small = dict(weight=weight, mean_weights=mean_weights, var_weights=var_weights, running_mean=running_mean,
+                 running_var=running_var)
+    _same_device(x, dy=dy, stats=stats, **small)
+    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, **small)
+    if dy.shape != x.shape or tuple(stats.shape) != (4 * n * c + 3 * c,) or len(output_mask) != 5:
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, stats ({4 * n * c + 3 * c},) entries and "
+                         f"output_mask 5, got {tuple(dy.shape)}, {tuple(stats.shape)}, {len(output_mask)}")
+    k, dtype = len(kinds), stats.dtype
     sizes = (c, c, k if k > 1 else 0, k if k > 1 else 0)
     dtypes = (dtype, dtype, torch.float64, torch.float64)
     dx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
@@ -209,11 +251,16 @@ class _LayerFunction(torch.autograd.Function):
             grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights,
                                             running_mean, running_var, need)
         else:
-            # a batched dy (torch's batched-gradient checks) needs the dispatcher's vmap fallback
-            direct = ctx.direct and _is_dense_cpu(dy)
-            backward = _layer_backward_cpu if direct else torch.ops.normkit.layer_backward
-            out = backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, list(kinds),
-                           list(groups), constant_mask, eps, axis, list(need))
+            args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, list(kinds),
+                    list(groups), constant_mask, eps, axis, list(need))
+            # A batched dy (torch's batched-gradient checks) needs the dispatcher's vmap fallback.
+            if ctx.direct and _is_dense_cpu(dy):
+                # Everything but dy was validated by the forward and saved (autograd's version
+                # counters refuse saved tensors changed in place since).
+                _validate_dy(dy, x)
+                out = cpu.layer_backward(*args)
+            else:
+                out = torch.ops.normkit.layer_backward(*args)
             grads = [g if want else None for g, want in zip(out, need)]
         return (*grads, None, None, None, None, None, None, None, None)
 

@@ -171,6 +171,9 @@ class NormBase(nn.Module):
     ) -> Tensor:
         """The forward every batch-statistics layer shares: check, pick statistics, normalize."""
         axis = self._check_input(x)
+        check_eps(self.eps)  # attributes may have been reassigned since construction
+        if self.momentum is not None:
+            check_momentum(self.momentum)
         use_batch, factor = self._batch_stats_and_factor()
         group = self._sync_group() if "bn" in sources else None
         if self._needs_two_values and use_batch and mask is None and group is None and x.numel() // x.shape[axis] == 1:

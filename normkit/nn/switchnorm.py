@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from normkit._core import check_weights, parse_sources
+from normkit._core import check_weights, parse_sources, softmax_weights
 from normkit.nn._base import NormBase
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d"]
@@ -93,7 +93,7 @@ class _SwitchNorm(NormBase):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        self.sources = parse_sources(sources, num_features)
+        self.sources = self._parsed = parse_sources(sources, num_features)
         self.last_gamma = last_gamma
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats,
@@ -126,13 +126,13 @@ class _SwitchNorm(NormBase):
         return torch.softmax(self.var_logits, 0)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if self.sources is not getattr(self, "_parsed", None):  # reassigned since construction: check it
+            self.sources = self._parsed = parse_sources(self.sources, self.num_features)
         weights = (None, None)
         if len(self.sources) > 1:  # SN's policy: importance weights are the softmax of the logits
             for logits, name in ((self.mean_logits, "mean_logits"), (self.var_logits, "var_logits")):
                 check_weights(logits, name, self.sources, x.device)
-            # float64: the weights' gradient sums many statistics (cancellation in float32)
-            weights = (torch.softmax(self.mean_logits, 0, dtype=torch.float64),
-                       torch.softmax(self.var_logits, 0, dtype=torch.float64))
+            weights = softmax_weights(self.mean_logits, self.var_logits)
         return self._run(x, mask, self.sources, mean_weights=weights[0], var_weights=weights[1])
 
     def extra_repr(self) -> str:

@@ -114,7 +114,7 @@ static void chunk_sums(const char *ws, size_t unit_bytes, i64 n, i64 chunks, i64
             }                                                                                   \
             double m = s1 / (double)L, v = s2 / (double)L - m * m;                              \
             mean[r] = (S)(k + m);                                                               \
-            var[r] = (S)(v > 0.0 ? v : 0.0);                                                    \
+            var[r] = (S)(v < 0.0 ? 0.0 : v); /* NaN stays NaN */                              \
         }                                                                                       \
     }                                                                                           \
     static int moments_nlc_##SFX(const T *restrict x, i64 N, i64 C, i64 L, S *mean, S *var,     \
@@ -161,7 +161,7 @@ static void chunk_sums(const char *ws, size_t unit_bytes, i64 n, i64 chunks, i64
                         shift[n * C + c] += m;                                                  \
                     } else {                                                                    \
                         mean[n * C + c] = (S)(shift[n * C + c] + m);                            \
-                        var[n * C + c] = (S)(v > 0.0 ? v : 0.0);                                \
+                        var[n * C + c] = (S)(v < 0.0 ? 0.0 : v);                                \
                     }                                                                           \
                 }                                                                               \
         }                                                                                       \
@@ -370,7 +370,7 @@ static i64 source_size(int kind, int constant, i64 N, i64 C, i64 groups) {
 /* v <- 1 / sqrt(max(v, 0) + eps), vectorised (needs -fno-math-errno for sqrt) */
 static void rstd_in_place(double *restrict v, i64 n, double eps) {
 #pragma omp simd
-    for (i64 i = 0; i < n; i++) v[i] = 1.0 / sqrt((v[i] > 0.0 ? v[i] : 0.0) + eps);
+    for (i64 i = 0; i < n; i++) v[i] = 1.0 / sqrt((v[i] < 0.0 ? 0.0 : v[i]) + eps); /* clamp_min: NaN stays NaN */
 }
 
 /* Mixed mean and variance per (n, c): mu = sum_k wm_k m_k, var = sum_k wv_k v_k. */
