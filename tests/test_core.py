@@ -12,7 +12,7 @@ from torch import nn
 
 import normkit
 import reference as ref
-from common_layers import CASES, Case
+from common_layers import CASES, Case, cases, variant
 
 
 def _randomise(m: nn.Module) -> nn.Module:
@@ -63,12 +63,9 @@ def test_gradcheck(case, backend):
     assert torch.autograd.gradcheck(fn, (x, *leaves), eps=1e-6, atol=1e-6)
 
 
-TRACKING_CASES = [c for c in CASES if getattr(c.make(), "running_mean", None) is not None]
-
-
-@pytest.mark.parametrize("case", TRACKING_CASES, ids=str)
+@pytest.mark.parametrize("case", cases(running=True), ids=str)
 def test_running_stats_and_eval(case, backend):
-    m = case.make().double()
+    m = case.make(tracking=True).double()
     batches = [_input(case, offset=float(i)) for i in range(3)]
     for b in batches:
         m(b)
@@ -84,11 +81,8 @@ def test_running_stats_and_eval(case, backend):
     assert int(m.num_batches_tracked) == 3
     m.eval()
     x = _input(case)
-    if case.sources == ("in",):
-        v = x.movedim(case.axis, 1)
-        shape = [1, -1] + [1] * (v.dim() - 2)
-        expected = (v - rm.reshape(shape)) / torch.sqrt(rv.reshape(shape) + m.eps) * m.weight.reshape(shape) + m.bias.reshape(shape)
-        expected = expected.movedim(1, case.axis)
+    if case.sources == ("in",):  # eval: the running statistics replace the IN ones
+        expected = ref.switch_norm(x, ("bn",), weight=m.weight, bias=m.bias, eps=m.eps, axis=case.axis, running=(rm, rv))
     else:
         expected = _expected(case, m, x, running=(rm, rv))
     torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
@@ -200,7 +194,6 @@ def _same_forward_backward(mine: nn.Module, theirs: nn.Module, x: torch.Tensor) 
 
 
 _TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_MY_BN = {1: normkit.BatchNorm1d, 2: normkit.BatchNorm2d, 3: normkit.BatchNorm3d}
 _BN_SHAPES = {1: [(6, 3), (4, 3, 5)], 2: [(3, 3, 4, 2)], 3: [(2, 3, 2, 3, 2)]}
 
 
@@ -209,7 +202,7 @@ _BN_SHAPES = {1: [(6, 3), (4, 3, 5)], 2: [(3, 3, 4, 2)], 3: [(2, 3, 2, 3, 2)]}
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
 def test_batch_norm_matches_torch_for_all_flags(dim, affine, track, momentum, backend):
-    mine = _MY_BN[dim](3, momentum=momentum, affine=affine, track_running_stats=track).double()
+    mine = variant("bn").build(3, dim, momentum=momentum, affine=affine, track_running_stats=track).double()
     theirs = _TORCH_BN[dim](3, momentum=momentum, affine=affine, track_running_stats=track).double()
     if affine:
         _randomise(mine)
@@ -226,9 +219,7 @@ def test_batch_norm_matches_torch_for_all_flags(dim, affine, track, momentum, ba
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_instance_norm_matches_torch_with_running_stats(dim, backend):
-    mine = {1: normkit.InstanceNorm1d, 2: normkit.InstanceNorm2d, 3: normkit.InstanceNorm3d}[dim](
-        3, affine=True, track_running_stats=True
-    ).double()
+    mine = variant("in-affine").build(3, dim, tracking=True).double()
     theirs = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dim](
         3, affine=True, track_running_stats=True
     ).double()

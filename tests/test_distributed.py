@@ -2,8 +2,9 @@
 
 Every multi-process check runs in one spawn per world size (2 and 3 ranks), guarded by a
 deadline so that a hang fails fast. The children only run normkit and record tensors; the
-parent compares them with float64 references written from the definitions here (no Chan
-merge, no moments reuse), differentiated by autograd.
+parent compares them with the float64 references (reference.py: written from the definitions,
+no Chan merge, no moments reuse), differentiated by autograd. The layers are every
+configuration of the layer table (common_layers.py) that synchronises.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 import normkit
+import reference as ref
+from common_layers import variant, variants
 from normkit.distributed import all_merge_moments
 from normkit.functional import Moments
 
@@ -34,52 +37,16 @@ SN = ("in", "ln", "bn")
 
 
 # --------------------------------------------------------------------------------------------
-# float64 references, differentiable
+# float64 references (reference.py), differentiable
 
 
-def ref_norm(x, sources, weight=None, bias=None, mean_logits=None, var_logits=None, eps=1e-5, mask=None, running=None):
-    """SN of an (N, C, *S) input, each source's statistics over its own (valid) values.
-
-    ``mask`` (N, *S), True = valid: statistics are weighted means over valid positions only,
-    padded outputs are 0. ``running`` (mean, var) replaces the BN source's statistics (eval).
-    """
-    n, c = x.shape[:2]
-    v = x.reshape(n, c, math.prod(x.shape[2:]))
-    valid = torch.ones(n, 1, v.shape[2], dtype=x.dtype) if mask is None else mask.reshape(n, 1, v.shape[2]).to(x.dtype)
-    dims = {"in": (2,), "ln": (1, 2), "bn": (0, 2)}
-    k = len(sources)
-    wm = torch.softmax(mean_logits, 0) if k > 1 else torch.ones(1, dtype=x.dtype)
-    wv = torch.softmax(var_logits, 0) if k > 1 else torch.ones(1, dtype=x.dtype)
-    mu = var = 0.0
-    for i, s in enumerate(sources):
-        count = valid.expand_as(v).sum(dims[s], keepdim=True)
-        m = (valid * v).sum(dims[s], keepdim=True) / count
-        s2 = (valid * (v - m) ** 2).sum(dims[s], keepdim=True) / count
-        if s == "bn" and running is not None:
-            m, s2 = running[0].reshape(1, c, 1), running[1].reshape(1, c, 1)
-        mu = mu + wm[i] * m
-        var = var + wv[i] * s2
-    y = (v - mu) / torch.sqrt(var + eps)
-    if weight is not None:
-        y = y * weight.reshape(1, c, 1) + bias.reshape(1, c, 1)
-    return (y * valid).reshape(x.shape)
-
-
-def ref_running(batches, momentum=0.1, start=None, masks=None):
-    """Running mean / unbiased var (PyTorch convention) after training on ``batches``."""
-    c = batches[0].shape[1]
-    rm, rv = start if start is not None else (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64))
-    for i, b in enumerate(batches):
-        v = b.transpose(0, 1).reshape(c, -1)
-        if masks is not None:
-            v = v[:, masks[i].reshape(-1)]
-        rm = (1 - momentum) * rm + momentum * v.mean(1)
-        rv = (1 - momentum) * rv + momentum * v.var(1, unbiased=True)
-    return rm, rv
+def ref_running(batches, start=None, masks=None):
+    """Running mean / unbiased var (PyTorch convention, momentum 0.1) after training on ``batches``."""
+    return ref.running_after(batches, 0.1, masks=masks, start=start)
 
 
 class RefNorm(nn.Module):
-    """:func:`ref_norm` as a layer with normkit's parameter and buffer names."""
+    """The float64 reference as a layer with normkit's parameter and buffer names."""
 
     def __init__(self, c, sources):
         super().__init__()
@@ -99,27 +66,31 @@ class RefNorm(nn.Module):
             rm, rv = ref_running([x.detach()], start=(self.running_mean, self.running_var))
             self.running_mean.copy_(rm)
             self.running_var.copy_(rv)
-        return ref_norm(x, self.sources, self.weight, self.bias, self.mean_logits, self.var_logits)
+        return ref.from_params(x, self.sources, dict(self.named_parameters()))
 
 
 # --------------------------------------------------------------------------------------------
 # cases: a layer on a global batch split over the ranks
 
 
-def _layer_case(name, cls, c, sources, sizes, rest=(3, 2), steps=2, offset=0.0, seed=0, masked=False):
+def _layer_case(name, kind, c, sizes, rest=(3, 2), steps=2, offset=0.0, seed=0, masked=False):
+    """The table's configuration ``kind`` with ``c`` channels on (N, c, *rest) inputs."""
+    sources = variant(kind).sources
+    has = dict(variant(kind).build(c, len(rest)).named_parameters())
     g = torch.Generator().manual_seed(seed)
     total = sum(sizes)
     shape = (total, c, *rest)
     xs = [torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + offset + torch.arange(c, dtype=torch.float64).reshape(1, c, *[1] * len(rest)) for _ in range(steps)]
     dys = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(steps)]
-    params = {
-        "weight": torch.randn(c, generator=g, dtype=torch.float64) + 1.0,
-        "bias": torch.randn(c, generator=g, dtype=torch.float64),
-    }
+    params = {}
+    if "weight" in has:
+        params["weight"] = torch.randn(c, generator=g, dtype=torch.float64) + 1.0
+    if "bias" in has:
+        params["bias"] = torch.randn(c, generator=g, dtype=torch.float64)
     if len(sources) > 1:
         params["mean_logits"] = torch.randn(len(sources), generator=g, dtype=torch.float64) * 0.5
         params["var_logits"] = torch.randn(len(sources), generator=g, dtype=torch.float64) * 0.5
-    case = dict(name=name, cls=cls, c=c, sources=sources, sizes=sizes, xs=xs, dys=dys, params=params, masks=None)
+    case = dict(name=name, kind=kind, dim=len(rest), c=c, sources=sources, sizes=sizes, xs=xs, dys=dys, params=params, masks=None)
     if masked:  # padded tails of random lengths, at least 2 valid positions per sample
         length = math.prod(rest)
         keep = [torch.randint(2, length + 1, (total,), generator=g) for _ in range(steps)]
@@ -128,8 +99,7 @@ def _layer_case(name, cls, c, sources, sizes, rest=(3, 2), steps=2, offset=0.0, 
 
 
 def _make_layer(case, process_group):
-    kw = {} if case["cls"].__name__.startswith("Batch") else {"sources": case["sources"]}
-    layer = case["cls"](case["c"], process_group=process_group, dtype=torch.float64, **kw)
+    layer = variant(case["kind"]).build(case["c"], case["dim"], process_group=process_group, dtype=torch.float64)
     with torch.no_grad():
         for k, v in case["params"].items():
             getattr(layer, k).copy_(v)
@@ -164,7 +134,8 @@ def _run_layer_case(case, rank, group, counter):
         step = {
             "y": y.detach(),
             "dx": x.grad,
-            "grads": {k: p.grad.clone() for k, p in layer.named_parameters()},
+            # (a one-source mix has constant weights: its logits get no gradient)
+            "grads": {k: p.grad.clone() for k, p in layer.named_parameters() if p.grad is not None},
             "collectives": (forward_calls, counter.calls - before - forward_calls),
         }
         if layer.running_mean is not None:
@@ -351,21 +322,21 @@ def _spawn(world: int, plan: dict, tmp_path) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # plans: one spawn per world size
 
-BN2, SN2, SN1 = normkit.BatchNorm2d, normkit.SwitchNorm2d, normkit.SwitchNorm1d
+# Every synchronising configuration of the table on uneven shards and with masks (3 channels,
+# or the least multiple its group counts divide); then the edge cases.
+SYNCED = [v.variant for v in variants(sync=True)]
 LAYERS = {
     2: [
-        _layer_case("sn-uneven", SN2, 3, SN, (5, 3)),
-        _layer_case("sn-empty", SN2, 3, SN, (0, 4)),
-        _layer_case("sn-no-bn", SN2, 3, ("in", "ln"), (5, 3)),
-        _layer_case("sn-in-bn-1d", SN1, 4, ("in", "bn"), (2, 3), rest=(5,)),
-        _layer_case("bn-uneven", BN2, 3, ("bn",), (5, 3)),
-        _layer_case("bn-empty", BN2, 3, ("bn",), (0, 4)),
-        _layer_case("bn-offset", BN2, 2, ("bn",), (3, 4), offset=1e4),
-        _layer_case("sn-masked", SN1, 3, SN, (3, 2), rest=(6,), masked=True),
+        *(_layer_case(f"{k}-uneven", k, variant(k).channels(3), (5, 3)) for k in SYNCED),
+        *(_layer_case(f"{k}-masked", k, variant(k).channels(3), (3, 2), rest=(6,), masked=True) for k in SYNCED),
+        _layer_case("sn-empty", "sn", 3, (0, 4)),
+        _layer_case("sn-in-bn-1d", "sn-in-bn", 4, (2, 3), rest=(5,)),
+        _layer_case("bn-empty", "bn", 3, (0, 4)),
+        _layer_case("bn-offset", "bn", 2, (3, 4), offset=1e4),
     ],
     3: [
-        _layer_case("sn-3", SN2, 3, SN, (3, 0, 2)),
-        _layer_case("bn-3", BN2, 2, ("bn",), (1, 2, 4)),
+        _layer_case("sn-3", "sn", 3, (3, 0, 2)),
+        _layer_case("bn-3", "bn", 2, (1, 2, 4)),
     ],
 }
 DDP_CASES = {2: [_ddp_case("ddp-equal", (4, 4)), _ddp_case("ddp-uneven", (5, 3))], 3: [_ddp_case("ddp-3-empty", (3, 0, 2))]}
@@ -418,7 +389,7 @@ def test_layer_matches_one_process(world, name, tmp_path_factory):
     for step, (x, dy, mask) in enumerate(zip(case["xs"], case["dys"], masks)):
         x = x.clone().requires_grad_()
         params = {k: v.clone().requires_grad_() for k, v in case["params"].items()}
-        y = ref_norm(x, sources, **params, mask=mask)
+        y = ref.from_params(x, sources, params, mask=mask)
         (y * dy).sum().backward()
         for r in range(world):
             got = results[r]["steps"][step]
@@ -444,7 +415,7 @@ def test_layer_matches_one_process(world, name, tmp_path_factory):
         for r in range(world):
             lo, hi = bounds[r], bounds[r + 1]
             mask = None if case["masks"] is None else case["masks"][0][lo:hi]
-            expected = ref_norm(case["xs"][0][lo:hi], sources, **case["params"], mask=mask, running=running)
+            expected = ref.from_params(case["xs"][0][lo:hi], sources, case["params"], mask=mask, running=running)
             torch.testing.assert_close(results[r]["eval"], expected, **TOL)
             torch.testing.assert_close(results[r]["frozen"], expected, **TOL)
 
@@ -505,11 +476,11 @@ def test_recompute_stats_merges_across_ranks(tmp_path_factory):
                     inputs[i].append(h)
                 h = m(h)
     for i, xs in inputs.items():
-        v = torch.cat(xs).transpose(0, 1).reshape(4, -1)
+        mean, var = ref.pooled(xs)
         for r in range(world):
             state = results[r]["state"]
-            torch.testing.assert_close(state[f"{i}.running_mean"], v.mean(1), **TOL)
-            torch.testing.assert_close(state[f"{i}.running_var"], v.var(1, unbiased=True), **TOL)
+            torch.testing.assert_close(state[f"{i}.running_mean"], mean, **TOL)
+            torch.testing.assert_close(state[f"{i}.running_var"], var, **TOL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,16 +496,15 @@ def no_collectives(monkeypatch):
         monkeypatch.setattr(dist, name, forbidden)
 
 
-@pytest.mark.parametrize("cls", [normkit.SwitchNorm2d, normkit.BatchNorm2d])
-def test_single_process_never_touches_the_group(cls, no_collectives):
+@pytest.mark.parametrize("kind", SYNCED)
+def test_single_process_never_touches_the_group(kind, no_collectives):
     assert not dist.is_initialized()
-    layer = cls(3, process_group=object(), dtype=torch.float64)  # any group: it must not be used
-    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    c = variant(kind).channels(3)
+    layer = variant(kind).build(c, 2, process_group=object(), dtype=torch.float64)  # any group: it must not be used
+    x = torch.randn(4, c, 2, 2, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     y.sum().backward()
-    sources = getattr(layer, "sources", ("bn",))
-    expected = ref_norm(x.detach(), sources, layer.weight.detach(), layer.bias.detach(),
-                        getattr(layer, "mean_logits", None), getattr(layer, "var_logits", None))
+    expected = ref.of_layer(layer, x.detach(), variant(kind).sources)
     torch.testing.assert_close(y.detach(), expected.detach(), **TOL)
     layer.eval()
     layer(x)

@@ -8,6 +8,7 @@ from torch import nn
 
 import normkit
 import reference as ref
+from common_layers import variant, variants
 
 
 def _net(norm) -> nn.Module:
@@ -15,7 +16,7 @@ def _net(norm) -> nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", [normkit.SwitchNorm2d, normkit.BatchNorm2d], ids=["sn", "bn"])
+@pytest.mark.parametrize("norm", [lambda c, k=k: variant(k).build(c, 2) for k in ("sn", "bn")], ids=["sn", "bn"])
 def test_compile_fullgraph_train_and_eval(norm):
     torch._dynamo.reset()
     model = _net(norm)
@@ -61,14 +62,21 @@ def test_autocast_bfloat16_cpu():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("norm", [normkit.SwitchNorm2d, normkit.BatchNorm2d, normkit.InstanceNorm2d])
-def test_channels_last_input(norm, backend):
-    m = norm(4).double()
-    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+# every configuration of the table as a 2-D layer, and torch's default instance norm (no affine)
+_CHANNELS_LAST = [(v.variant, v, {}) for v in variants(channels_axis=True)]
+_CHANNELS_LAST.append(("in-no-affine", variant("in-affine"), {"affine": False}))
+
+
+@pytest.mark.parametrize("case,kw", [r[1:] for r in _CHANNELS_LAST], ids=[r[0] for r in _CHANNELS_LAST])
+def test_channels_last_input(case, kw, backend):
+    c = case.channels(4)
+    norm = lambda c: case.build(c, 2, **kw)
+    m = norm(c).double()
+    x = torch.randn(3, c, 5, 6, dtype=torch.float64)
     xl = x.to(memory_format=torch.channels_last).requires_grad_()
     xc = x.clone().requires_grad_()
     y = m(xl)
-    m2 = norm(4).double()
+    m2 = norm(c).double()
     torch.testing.assert_close(y, m2(xc), rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
     torch.testing.assert_close(

@@ -1,7 +1,8 @@
 """The compiled CPU kernels (normkit/kernels/cpu.py, normkit/kernels/csrc/norm_kernels.c).
 
-Each kernel is compared with a float64 reference written here; whole layers run with
-backend 'cpu' against backend 'reference' (outputs, every gradient, running statistics);
+Each kernel is compared with the float64 reference (reference.py); whole layers (every
+configuration of the layer table, common_layers.py) run with backend 'cpu' against backend
+'reference' (outputs, every gradient, running statistics);
 gradcheck goes through the C mixer's closed-form backward; and a library that cannot load
 must leave normkit working on the reference path, saying why.
 """
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 import normkit
+import reference as ref
+from common_layers import variant, variants
 from normkit import kernels
 from normkit.kernels._library import KernelUnavailable
 
@@ -41,14 +44,6 @@ def _make(shape, fmt, dtype=torch.float32, offset=0.0, seed=0):
     return x.contiguous(memory_format=fmt)
 
 
-def _ref_moments(x, axis):
-    """float64 two-pass per-(n, c) mean and biased variance."""
-    xd = x.double().movedim(axis, 1).reshape(x.shape[0], x.shape[axis], -1)
-    mean = xd.mean(-1)
-    var = ((xd - mean[..., None]) ** 2).mean(-1)
-    return mean, var
-
-
 def _bcast(stat, x, axis):
     shape = [1] * x.dim()
     shape[0], shape[axis] = stat.shape[0], stat.shape[-1]
@@ -65,7 +60,7 @@ def test_kernels_match_float64_reference(shape, axis, fmt, dtype):
     stat = torch.float64 if dtype == torch.float64 else torch.float32
 
     mean, var = KERNELS.moments(x, axis)
-    ref_mean, ref_var = _ref_moments(x, axis)
+    ref_mean, ref_var = ref.moments(x, axis)
     assert mean.shape == (n, c) and mean.dtype == stat and var.dtype == stat
     torch.testing.assert_close(mean.double(), ref_mean, **tol)
     torch.testing.assert_close(var.double(), ref_var, **tol)
@@ -105,7 +100,7 @@ def test_moments_keep_digits_under_a_large_offset(fmt):
     """1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 in float would lose every digit."""
     x = _make((4, 6, 33, 35), fmt, torch.float32, offset=1e4)
     mean, var = KERNELS.moments(x, 1)
-    ref_mean, ref_var = _ref_moments(x, 1)
+    ref_mean, ref_var = ref.moments(x, 1)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-7, atol=0)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
 
@@ -113,7 +108,7 @@ def test_moments_keep_digits_under_a_large_offset(fmt):
 def test_float64_moments_keep_digits_under_a_huge_offset():
     x = _make((2, 3, 50), torch.contiguous_format, torch.float64, offset=1e9)
     mean, var = KERNELS.moments(x, 1)
-    ref_mean, ref_var = _ref_moments(x, 1)
+    ref_mean, ref_var = ref.moments(x, 1)
     torch.testing.assert_close(var, ref_var, rtol=1e-6, atol=0)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-15, atol=0)
 
@@ -125,15 +120,15 @@ def test_half_precision_kernels_use_float32_statistics(dtype, fmt):
         pytest.skip(f"{dtype} kernels not built by this compiler")
     x = _make((3, 8, 9, 10), fmt, dtype, offset=2.0)
     mean, var = KERNELS.moments(x, 1)
-    ref_mean, ref_var = _ref_moments(x, 1)
+    ref_mean, ref_var = ref.moments(x, 1)
     assert mean.dtype == torch.float32
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
     ones, zeros = torch.ones(3, 8), torch.zeros(8)
     y = KERNELS.apply(x, mean, ones, zeros, 1)
-    ref = (x.double() - _bcast(ref_mean, x, 1)).to(dtype)  # one rounding to the input dtype
+    expected = (x.double() - _bcast(ref_mean, x, 1)).to(dtype)  # one rounding to the input dtype
     assert y.dtype == dtype and y.stride() == x.stride()
-    torch.testing.assert_close(y, ref, rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
+    torch.testing.assert_close(y, expected, rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
 
 
 def test_supports_rejects_what_it_cannot_run():
@@ -147,19 +142,12 @@ def test_supports_rejects_what_it_cannot_run():
 
 # ---- whole layers, backend 'cpu' against backend 'reference' -------------------------------
 
-LAYERS = {
-    "sn": lambda c: normkit.SwitchNorm2d(c),
-    "sn_gn": lambda c: normkit.SwitchNorm2d(c, sources=("in", "ln", "bn", "gn2")),
-    "sn_in_ln": lambda c: normkit.SwitchNorm2d(c, sources=("in", "ln")),
-    "sn_no_affine": lambda c: normkit.SwitchNorm2d(c, affine=False),
-    "bn": lambda c: normkit.BatchNorm2d(c),
-    "gn": lambda c: normkit.GroupNorm(2, c),
-    "in": lambda c: normkit.InstanceNorm2d(c, affine=True, track_running_stats=True),
-}
+# every configuration of the table, as a 2-D layer that keeps running statistics where it can
+LAYERS = [v.variant for v in variants(channels_axis=True)]
 
 
 def _run_layer(name, backend, x, dy, fmt, dtype):
-    layer = LAYERS[name](x.shape[1]).to(dtype)
+    layer = variant(name).build(x.shape[1], 2, tracking=True).to(dtype)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p_ in layer.parameters():
@@ -171,33 +159,37 @@ def _run_layer(name, backend, x, dy, fmt, dtype):
             y = layer(xx)
             y.backward(dy)
             if step == 0:
-                outs += [y, xx.grad] + [p_.grad.clone() for p_ in layer.parameters()]
+                # None: a one-source mix has constant weights, its logits get no gradient
+                outs += [y, xx.grad] + [None if p_.grad is None else p_.grad.clone() for p_ in layer.parameters()]
         outs += [b.clone() for b in layer.buffers() if b.is_floating_point()]
         layer.eval()
         outs.append(layer(x))
     return outs, y
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_layers_match_reference_path(name, fmt):
-    x = _make((4, 6, 5, 7), fmt, torch.float64, offset=1.0)
-    dy = _make((4, 6, 5, 7), torch.contiguous_format, torch.float64, seed=5)  # other layout than x
-    ref, _ = _run_layer(name, "reference", x, dy, fmt, torch.float64)
+    shape = (4, variant(name).channels(6), 5, 7)
+    x = _make(shape, fmt, torch.float64, offset=1.0)
+    dy = _make(shape, torch.contiguous_format, torch.float64, seed=5)  # other layout than x
+    want, _ = _run_layer(name, "reference", x, dy, fmt, torch.float64)
     got, y = _run_layer(name, "cpu", x, dy, fmt, torch.float64)
     assert FUSED in type(y.grad_fn).__name__  # really ran the compiled path
     assert y.stride() == x.stride()
-    assert len(got) == len(ref)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_float32_layers_match_reference_path():
     x = _make((8, 16, 9, 9), torch.channels_last, torch.float32, offset=100.0)
     dy = _make((8, 16, 9, 9), torch.channels_last, torch.float32, seed=3)
-    ref, _ = _run_layer("sn_gn", "reference", x.double(), dy.double(), None, torch.float64)
-    got, _ = _run_layer("sn_gn", "cpu", x, dy, None, torch.float32)
-    for a, b in zip(got, ref):
+    want, _ = _run_layer("sn-in-ln-bn-gn2", "reference", x.double(), dy.double(), None, torch.float64)
+    got, _ = _run_layer("sn-in-ln-bn-gn2", "cpu", x, dy, None, torch.float32)
+    for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
@@ -255,7 +247,7 @@ def test_gradcheck_through_c_mixer():
 def test_large_input_uses_threads_and_matches():
     x = _make((4, 32, 40, 40), torch.contiguous_format, torch.float32, offset=5.0)
     mean, var = KERNELS.moments(x, 1)
-    ref_mean, ref_var = _ref_moments(x, 1)
+    ref_mean, ref_var = ref.moments(x, 1)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-5)
     xl = x.contiguous(memory_format=torch.channels_last)
@@ -297,6 +289,6 @@ def test_status_names_the_kernels_that_serve_each_device():
     report = kernels.status()
     assert report["backend"] == normkit.get_backend()
     if report["backend"] in ("auto", "cpu"):
-        assert report["cpu"] == {"kernels": "cpu", "reason": None}
+        assert report["cpu"] == {"kernels": "cpu", "reason": None, "device_present": True}
     with normkit.use_backend("reference"):
         assert kernels.status()["cpu"]["kernels"] is None

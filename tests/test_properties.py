@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normkit
 import reference as ref
+from common_layers import variant, variants
 
-SOURCES = st.sampled_from([("in", "ln", "bn"), ("in", "ln"), ("bn",), ("ln", "bn"), ("in", "bn", "gn2")])
+# every source mix of the layer table's SwitchNorm rows, and a few more
+_MIXES = [("in", "ln", "bn"), ("in", "ln"), ("bn",), ("ln", "bn"), ("in", "bn", "gn2")]
+_MIXES += [v.sources for v in variants(kind="sn") if v.sources not in _MIXES]
+SOURCES = st.sampled_from(_MIXES)
 # Tolerances against the float64 reference, relative to the output scale.
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 6e-2, torch.float16: 8e-3}
 
@@ -25,9 +31,18 @@ def inputs(draw):
     return (n, c, *spatial), dtype, offset, spread
 
 
+def _sn(sources):
+    """The table's SwitchNorm with these sources."""
+    return replace(variant("sn"), sources=sources)
+
+
+def _fit(shape, sources):
+    """shape with the least multiple of its channel count that every group count divides."""
+    return (shape[0], _sn(sources).channels(shape[1]), *shape[2:])
+
+
 def _make(shape, sources):
-    cls = {2: normkit.SwitchNorm1d, 3: normkit.SwitchNorm1d, 4: normkit.SwitchNorm2d}[len(shape)]
-    m = cls(shape[1], sources=sources)
+    m = _sn(sources).build(shape[1], len(shape) - 2)
     with torch.no_grad():
         m.mean_logits.normal_()
         m.var_logits.normal_()
@@ -40,14 +55,14 @@ def _make(shape, sources):
 @given(inputs(), SOURCES, st.sampled_from(["reference", "auto"]))
 def test_switch_norm_any_shape_offset_dtype(case, sources, backend):
     shape, dtype, offset, spread = case
+    shape = _fit(shape, sources)
     m = _make(shape, sources)
     x = (torch.randn(shape, dtype=torch.float64) * spread + offset).to(dtype)
     with normkit.use_backend(backend):
         y = m(x)
     assert y.dtype == dtype and y.shape == x.shape
     assert torch.isfinite(y).all()
-    wm, wv = (torch.softmax(t.detach().double(), 0).tolist() for t in (m.mean_logits, m.var_logits))
-    expected = ref.switch_norm(x, sources, wm, wv, m.weight, m.bias, m.eps)
+    expected = ref.of_layer(m, x, sources).detach()
     # Low-precision inputs are quantised relative to the offset: the error scales with
     # |offset| / spread in units of the input's resolution.
     res = torch.finfo(dtype).eps * max(1.0, abs(offset) / spread)
@@ -65,7 +80,7 @@ def test_running_stats_stay_finite_and_float32(case):
     assert m.running_mean.dtype == torch.float32 and torch.isfinite(m.running_var).all()
     values_per_channel = x.numel() // shape[1]
     if values_per_channel > 1:
-        expected = x.double().movedim(1, 0).reshape(shape[1], -1).var(1)
+        expected = ref.pooled([x])[1]
         torch.testing.assert_close(
             m.running_var.double(), 0.9 + 0.1 * expected, rtol=1e-3, atol=TOL[dtype] * (1 + abs(offset)) ** 2 * 0.1
         )

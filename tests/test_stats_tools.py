@@ -1,38 +1,40 @@
-"""recompute_stats, freeze_stats, unfreeze_stats, reset_stats against float64 references."""
+"""recompute_stats, freeze_stats, unfreeze_stats, reset_stats against float64 references
+(reference.py), over every layer of the table (common_layers.py) that keeps running statistics
+and torch's own."""
 
 import pytest
 import torch
 from torch import nn
 
 import normkit
-
-
-def _population(batches, axis=1):
-    """Float64 mean and unbiased variance per channel over every value of every batch."""
-    x = torch.cat([b.double().movedim(axis, 1).reshape(b.shape[0], b.shape[axis], -1) for b in batches])
-    values = x.transpose(0, 1).reshape(x.shape[1], -1)
-    return values.mean(1), values.var(1, unbiased=True)
+import reference as ref
+from common_layers import variants
 
 
 def _uneven(c=3, spatial=(4, 5), offset=1e4, sizes=(3, 5, 2, 7)):
     return [offset + torch.randn(n, c, *spatial) * (1 + torch.arange(c).reshape(1, c, *([1] * len(spatial)))) for n in sizes]
 
 
-LAYERS = [
-    lambda: normkit.BatchNorm2d(3),
-    lambda: normkit.SwitchNorm2d(3),
-    lambda: normkit.SwitchNorm2d(3, sources=("in", "bn")),
-    lambda: nn.BatchNorm2d(3),
-    lambda: nn.BatchNorm2d(3, momentum=None),
-]
+def _layers(running, **torch_layers):
+    """(id, make(c), channels) of every table configuration that keeps ``running`` statistics
+    (as 2-D layers, 3 channels or the least multiple its group counts divide), then torch's."""
+    rows = [(v.variant, lambda c, v=v: v.build(c, 2, tracking=True), v.channels(3)) for v in variants(running=running)]
+    return rows + [(name, make, 3) for name, make in torch_layers.items()]
 
 
-@pytest.mark.parametrize("make", LAYERS)
-def test_uneven_batches_large_offset_exact_population_stats(make):
-    layer = make()
-    batches = _uneven()
+def _params(rows):
+    return pytest.mark.parametrize("make,c", [r[1:] for r in rows], ids=[r[0] for r in rows])
+
+
+BN_LAYERS = _layers("bn", torch_bn=lambda c: nn.BatchNorm2d(c), torch_bn_cumulative=lambda c: nn.BatchNorm2d(c, momentum=None))
+
+
+@_params(BN_LAYERS)
+def test_uneven_batches_large_offset_exact_population_stats(make, c):
+    layer = make(c)
+    batches = _uneven(c)
     report = normkit.recompute_stats(nn.Sequential(layer), batches)
-    mean, var = _population(batches)
+    mean, var = ref.pooled(batches)
     torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(layer.running_var.double(), var, rtol=1e-6, atol=0)
     assert (report.batches, report.samples, report.updated, report.unreached) == (4, 17, ["0"], [])
@@ -43,12 +45,12 @@ def test_channels_last_and_flat_inputs():
     bn_last = normkit.BatchNorm2d(3, axis=-1)
     batches = [torch.randn(n, 4, 5, 3) + 7 for n in (2, 6)]
     normkit.recompute_stats(bn_last, batches)
-    mean, var = _population(batches, axis=-1)
+    mean, var = ref.pooled(batches, axis=-1)
     torch.testing.assert_close(bn_last.running_var.double(), var, rtol=1e-6, atol=0)
     flat = nn.BatchNorm1d(3)
     batches = [torch.randn(n, 3) * 2 for n in (2, 9, 4)]
     normkit.recompute_stats(flat, batches)
-    mean, var = _population(batches)
+    mean, var = ref.pooled(batches)
     torch.testing.assert_close(flat.running_mean.double(), mean, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(flat.running_var.double(), var, rtol=1e-6, atol=0)
 
@@ -71,7 +73,7 @@ def test_downstream_layers_see_batch_normalised_activations():
         h = (xd - mu) / torch.sqrt(var + 1e-5) * torch.tensor([2.0, 0.5]).double().reshape(1, 2, 1, 1)
         h = h + torch.tensor([1.0, -1.0]).double().reshape(1, 2, 1, 1)
         seen.append(torch.nn.functional.conv2d(h, w, b))
-    mean, var = _population(seen)
+    mean, var = ref.pooled(seen)
     torch.testing.assert_close(second.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(second.running_var.double(), var, rtol=1e-5, atol=1e-6)
 
@@ -112,24 +114,23 @@ def test_short_loader_dict_batches_with_mask_and_custom_forward():
     masks = [torch.rand(n, 2, 6) > 0.3 for n in (3, 4)]
     report = normkit.recompute_stats(net, [{"x": a, "mask": m} for a, m in zip(x, masks)], num_batches=10)
     assert report.batches == 2 and report.samples == 7
-    values = torch.cat([a.double().movedim(1, -1)[m] for a, m in zip(x, masks)])  # (valid, C)
-    torch.testing.assert_close(net.bn.running_mean.double(), values.mean(0), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(net.bn.running_var.double(), values.var(0), rtol=1e-6, atol=1e-9)
+    mean, var = ref.pooled(x, masks=masks)
+    torch.testing.assert_close(net.bn.running_mean.double(), mean, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(net.bn.running_var.double(), var, rtol=1e-6, atol=1e-9)
     calls = []
     normkit.recompute_stats(net, [("ignored", x[0])], forward=lambda model, batch: calls.append(model(batch[1])))
     assert len(calls) == 1
-    torch.testing.assert_close(net.bn.running_mean.double(), _population([x[0]])[0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(net.bn.running_mean.double(), ref.pooled([x[0]])[0], rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("make", [lambda: normkit.InstanceNorm2d(3, track_running_stats=True),
-                                  lambda: nn.InstanceNorm2d(3, track_running_stats=True)])
-def test_instance_norm_running_stats_follow_torch_definition(make):
-    layer = make()
-    batches = _uneven(offset=5.0, sizes=(2, 3))
+@_params(_layers("in", torch_in=lambda c: nn.InstanceNorm2d(c, track_running_stats=True)))
+def test_instance_norm_running_stats_follow_torch_definition(make, c):
+    layer = make(c)
+    batches = _uneven(c, offset=5.0, sizes=(2, 3))
     normkit.recompute_stats(layer, batches)
-    per_sample = torch.cat([b.double().reshape(b.shape[0], 3, -1) for b in batches])
-    torch.testing.assert_close(layer.running_mean.double(), per_sample.mean(2).mean(0), rtol=1e-6, atol=0)
-    torch.testing.assert_close(layer.running_var.double(), per_sample.var(2).mean(0), rtol=1e-6, atol=0)
+    mean, var = ref.pooled(batches, kind="in")  # mean over samples of per-sample estimates
+    torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.running_var.double(), var, rtol=1e-6, atol=0)
 
 
 def test_errors_and_restoration_after_failure():
@@ -146,21 +147,21 @@ def test_errors_and_restoration_after_failure():
     assert not bn.training and bn.momentum == 0.1 and not bn._forward_pre_hooks
 
 
-@pytest.mark.parametrize("make", [lambda: normkit.BatchNorm2d(3), lambda: nn.BatchNorm2d(3),
-                                  lambda: normkit.SwitchNorm2d(3)])
-def test_freeze_survives_train_and_unfreeze_restores(make):
-    layer = make()
+@_params(_layers("bn", torch_bn=lambda c: nn.BatchNorm2d(c)))
+def test_freeze_survives_train_and_unfreeze_restores(make, c):
+    layer = make(c)
+    frozen_mean = torch.tensor([1.0, 2.0, 3.0]).repeat(c // 3)
     with torch.no_grad():
-        layer.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
-        layer.running_var.copy_(torch.tensor([4.0, 0.5, 2.0]))
-    x = torch.randn(4, 3, 5, 5)
+        layer.running_mean.copy_(frozen_mean)
+        layer.running_var.copy_(torch.tensor([4.0, 0.5, 2.0]).repeat(c // 3))
+    x = torch.randn(4, c, 5, 5)
     expected = layer.eval()(x)
     normkit.freeze_stats(layer).train()
     y = layer(x)
     torch.testing.assert_close(y, expected)
     y.sum().backward()
-    assert layer.weight.grad is not None and layer.training
-    torch.testing.assert_close(layer.running_mean, torch.tensor([1.0, 2.0, 3.0]))
+    assert (layer.weight is None or layer.weight.grad is not None) and layer.training  # None: affine=False
+    torch.testing.assert_close(layer.running_mean, frozen_mean)
     assert int(layer.num_batches_tracked) == 0
     normkit.unfreeze_stats(layer)
     layer(x)
@@ -202,7 +203,7 @@ def _recompute_worker(rank, world, init_file, out_dir):
 def test_recompute_merges_exactly_across_ranks(tmp_path):
     torch.multiprocessing.spawn(_recompute_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     every = _rank_batches(0)[0]
-    mean, var = _population(every)
+    mean, var = ref.pooled(every)
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["updated"] == ["0", "1"]

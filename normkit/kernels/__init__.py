@@ -18,6 +18,7 @@ import threading
 import warnings
 from typing import Any, Iterator, Optional
 
+import torch
 from torch import Tensor
 
 from normkit.kernels._protocol import KernelSet
@@ -127,20 +128,24 @@ def select(x: Tensor) -> Optional[KernelSet]:
 def status() -> dict[str, Any]:
     """Which kernels serve each device type under the current backend, and why not when none.
 
-    Returns a dict ``{"backend": ..., "cpu": {"kernels": name or None, "reason": ...},
-    "cuda": {...}}``; ``reason`` is None when kernels serve that device.
+    Returns a dict ``{"backend": ..., "cpu": {"kernels": name or None, "reason": ...,
+    "device_present": bool}, "cuda": {...}}``; ``reason`` is None when kernels serve that
+    device type (``device_present`` says whether this process has such a device at all).
     """
     backend = get_backend()
     report: dict[str, Any] = {"backend": backend}
     for device, auto_name in _AUTO.items():
         name = auto_name if backend == "auto" else backend
+        present = device == "cpu" or torch.cuda.is_available()
         if backend == "reference":
-            report[device] = {"kernels": None, "reason": "the 'reference' backend is selected"}
+            report[device] = {"kernels": None, "reason": "the 'reference' backend is selected",
+                              "device_present": present}
             continue
         kernels = load(name)
         report[device] = {
             "kernels": kernels.name if kernels is not None else None,
             "reason": None if kernels is not None else _reasons.get(name),
+            "device_present": present,
         }
     return report
 
