@@ -11,8 +11,12 @@ is the registration's own cost, forward and forward+backward:
 * ``C++ TORCH_LIBRARY``: schema, CPU kernel and autograd in C++ (``--cpp``: compiled here
   with the torch headers first, about 20 s).
 
-Then the real layers on the same input: normkit's SN / BN / GN against torch.nn's BN / GN.
-Times are medians over shuffled repetitions, 1 thread, in microseconds.
+Then the real layers on the same input: normkit's SN / BN / GN against torch.nn's BN / GN,
+and where a normkit BN training forward spends its time, one layer of the call at a time
+(the C call alone, the validating operator kernel, the operator call with its autograd node
+and running update, the functional op, the module), plus the two float64 softmaxes that SN
+adds (forward+backward). Times are medians over shuffled repetitions, 1 thread, in
+microseconds.
 
     python benchmarks/bench_op_overhead.py [--cpp] [--reps 15]
 """
@@ -132,6 +136,34 @@ def _build_cpp() -> bool:
     return True
 
 
+def _bn_forward_parts(x: Tensor) -> dict:
+    """One normkit BN training forward, cut at each layer of the call (private APIs)."""
+    from normkit import functional as F
+    from normkit._core import MixSpec
+    from normkit.kernels import cpu, ops
+
+    bn = normkit.BatchNorm2d(x.shape[1])
+    spec = MixSpec(("bn",), bn.eps)
+    w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    plain = (x.detach(), w.detach(), b.detach(), None, None, None, None, [2], [1], 0, bn.eps, 1)
+    logits = torch.zeros(3, requires_grad=True)
+
+    def softmaxes():
+        wm = torch.softmax(logits, 0, dtype=torch.float64)
+        wv = torch.softmax(logits, 0, dtype=torch.float64)
+        (wm.sum() + wv.sum()).backward()
+
+    return {
+        ("BN fwd: C call (cpu.layer_forward)", "fwd"): lambda: cpu.layer_forward(*plain),
+        ("BN fwd: + validation (operator kernel)", "fwd"): lambda: ops._layer_forward_cpu(*plain),
+        ("BN fwd: + autograd node, running update", "fwd"): lambda: ops.layer_norm_op(x, spec, w, b, None, None, rm,
+                                                                                        rv, 0.1, 1),
+        ("BN fwd: + checks, routing (F.run)", "fwd"): lambda: F.run(x, spec, w, b, None, None, rm, rv, 0.1, 1),
+        ("BN fwd: + module (BatchNorm2d)", "fwd"): lambda: bn(x),
+        ("SN weights: two float64 softmaxes", "fwd+bwd"): softmaxes,
+    }
+
+
 def _time(fn, number: int) -> float:
     start = time.perf_counter()
     for _ in range(number):
@@ -169,6 +201,7 @@ def main(argv=None) -> int:
         cases[(name, "fwd")] = (lambda m: lambda: m(x))(layer)
         cases[(name, "fwd+bwd")] = (lambda m: lambda: m(x).sum().backward())(layer)
     cases[("x.sum().backward() alone", "fwd+bwd")] = lambda: x.sum().backward()
+    cases.update(_bn_forward_parts(x))
     for fn in cases.values():
         _time(fn, 50)
     samples: dict = {key: [] for key in cases}
@@ -178,13 +211,14 @@ def main(argv=None) -> int:
         for key in keys:
             samples[key].append(_time(cases[key], args.number))
     print(f"input {SHAPE}, float32, 1 thread, median of {args.reps} shuffled repetitions x {args.number} calls")
-    print(f"{'candidate':32s} {'fwd us':>9s} {'fwd+bwd us':>11s}")
+    print(f"{'candidate':42s} {'fwd us':>9s} {'fwd+bwd us':>11s}")
     names = list(dict.fromkeys(k[0] for k in cases))
     for name in names:
         fwd = samples.get((name, "fwd"))
         both = samples.get((name, "fwd+bwd"))
-        row = f"{statistics.median(fwd):9.1f}" if fwd else f"{'':9s}"
-        print(f"{name:32s} {row} {statistics.median(both):11.1f}")
+        fwd_text = f"{statistics.median(fwd):9.1f}" if fwd else f"{'':9s}"
+        both_text = f"{statistics.median(both):11.1f}" if both else ""
+        print(f"{name:42s} {fwd_text} {both_text}")
     return 0
 
 

@@ -76,15 +76,13 @@ __all__ = [
 ]
 
 
-def _reference_only(x: Tensor, mask: Optional[Tensor], process_group: Any) -> bool:
-    return (
-        mask is not None
-        or process_group is not None
-        or x.numel() == 0
-        or torch._C._are_functorch_transforms_active()
-        or forward_ad._current_level >= 0
-        or torch.onnx.is_in_onnx_export()  # ONNX has no normkit operator
-    )
+def _reference_only(x: Tensor, mask: Optional[Tensor], process_group: Any, compiling: bool) -> bool:
+    """Rule 1 of the module docstring: what only the reference path computes."""
+    if mask is not None or process_group is not None or x.numel() == 0 or torch.onnx.is_in_onnx_export():
+        return True  # no kernel takes masks or sync; ONNX has no normkit operator
+    # torch.func transforms and forward AD have rules for ATen ops only (neither is active
+    # while torch.compile traces)
+    return not compiling and (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def normalize(
@@ -106,7 +104,7 @@ def normalize(
     tracked: Optional[Moments]
     compiling = torch.compiler.is_compiling()
     chosen = None
-    if (compiling and not torch.onnx.is_in_onnx_export()) or not _reference_only(x, mask, process_group):
+    if not _reference_only(x, mask, process_group, compiling):
         chosen = kernels.select(x)
         if chosen is not None and chosen.supports(x, channel_axis) is not None:
             chosen = None

@@ -313,3 +313,17 @@ def test_a_new_spec_type_never_takes_a_kernel_written_for_another():
         torch.testing.assert_close(doubled, 2 * plain)
     if CPU is not None:
         assert CPU.runs_layer(MixSpec(("bn",), 1e-5)) and not CPU.runs_layer(DoubledScale(("bn",), 1e-5))
+
+
+@needs_cpu_kernels
+def test_compile_with_a_mask_takes_the_reference_path():
+    torch._dynamo.reset()
+    capture = _GraphCapture()
+    sn = normkit.SwitchNorm1d(4)
+    x = torch.randn(3, 4, 6)
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 3, 1])[:, None]
+    compiled = torch.compile(lambda x, mask: sn(x, mask), backend=capture, fullgraph=True)
+    y = compiled(x, mask)
+    with normkit.use_backend("reference"):
+        torch.testing.assert_close(y, sn(x, mask))
+    assert not any("normkit.layer_forward" in g for g in capture.graphs)  # no kernel takes masks

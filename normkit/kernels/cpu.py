@@ -48,7 +48,7 @@ class _Fns:
         )
         self.layer_forward = _bind(
             f"nk_layer_forward_{sfx}", _INT,
-            [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _INT, _DBL, _P, _P, _INT],
+            [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _INT],
         )
         self.layer_backward = _bind(
             f"nk_layer_backward_{sfx}", _INT,
@@ -250,7 +250,7 @@ def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, runn
     _check(_FNS[x.dtype].layer_forward(
         nlc, x.data_ptr(), y.data_ptr(), n, c, length, k, *_code_arrays(kinds, groups), constant_mask, need_moments,
         stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
-        _ptr(bias), eps, 0, 0.0, None, None, torch.get_num_threads()), "forward")
+        _ptr(bias), eps, torch.get_num_threads()), "forward")
     return y, stats
 
 

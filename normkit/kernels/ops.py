@@ -3,8 +3,9 @@
 Importance weights and their gradients are float64 whatever the input dtype: there are K of
 them, and the weight gradient sums N*C products of statistics that float32 would cancel.
 
-* ``normkit::layer_forward``: moments, mix, apply and (optionally, in place) the running
-  averages of one normalization, in one kernel call; returns ``(y, stats)``.
+* ``normkit::layer_forward``: moments, mix and apply of one normalization in one kernel
+  call; returns ``(y, stats)``. Pure, so eval and export graphs carry no mutation.
+* ``normkit::update_running_``: moves the running averages in place from ``stats``.
 * ``normkit::layer_backward``: the two backward sums, the closed-form mix backward and
   ``dx``; returns ``(dx, dweight, dbias, dmean_weights, dvar_weights)`` (empty when not asked).
 
@@ -16,8 +17,8 @@ runs ``layer_backward``; when a graph of the gradient is wanted (double backward
 ``torch.func`` transform is active it recomputes the layer with the reference maths
 (:mod:`normkit._core`) and lets autograd differentiate that instead.
 
-Why ``torch.library.Library`` with a Python autograd kernel and not ``custom_op``: the
-per-call overhead (``docs/ARCHITECTURE.md`` has the figures) is a quarter of custom_op's.
+Why ``torch.library.Library`` with a Python autograd kernel and not ``custom_op``: its
+per-call overhead is about half of custom_op's (``docs/ARCHITECTURE.md`` has the figures).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ _TRACK = {None: 0, "bn": 1, "in": 2}
 
 # ---- validation ----------------------------------------------------------------------------
 
-def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float, track: int = 0) -> None:
+def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float) -> None:
     k = len(kinds)
     if not 1 <= k <= cpu.MAX_SOURCES or len(groups) != k:
         raise ValueError(f"kinds and groups must have the same length in [1, {cpu.MAX_SOURCES}], got {k} and {len(groups)}")
@@ -69,12 +70,6 @@ def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float, track:
         raise ValueError(f"constant_mask {constant_mask} must mark only in/bn sources among {k}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be finite and > 0, got {eps}")
-    if track == 1 and not any(kd == 2 and not (constant_mask >> i) & 1 for i, kd in enumerate(kinds)):
-        raise ValueError("track=1 (BN running averages) needs a bn source computed from the batch")
-    if track == 2 and (tuple(kinds) != (0,) or constant_mask):
-        raise ValueError("track=2 (IN running averages) needs the single source 'in' computed from the input")
-    if track not in (0, 1, 2):
-        raise ValueError(f"track must be 0, 1 or 2, got {track}")
 
 
 def _validate_small(x: Tensor, c: int, k: int, weight, bias, mean_weights, var_weights, running_mean,
@@ -220,10 +215,6 @@ def _layer_backward_fake(dy, x, stats, weight, mean_weights, var_weights, runnin
 
 # ---- autograd ------------------------------------------------------------------------------
 
-def _transforms_active() -> bool:
-    return torch._C._are_functorch_transforms_active()
-
-
 class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
@@ -246,7 +237,7 @@ class _LayerFunction(torch.autograd.Function):
         x, stats, weight, bias, mean_weights, var_weights, running_mean, running_var = ctx.saved_tensors
         kinds, groups, constant_mask, eps, axis = ctx.codes
         need = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled() or _transforms_active():
+        if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
             spec = spec_from_codes(kinds, groups, constant_mask, eps)
             grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights,
                                             running_mean, running_var, need)
@@ -286,8 +277,6 @@ def _layer_forward_autograd(*args):
         return torch.ops.normkit.layer_forward(*args)
 
 
-# Library.impl registers the Python kernels directly (torch.library.impl adds a wrapper that
-# costs about 10 us per call on small inputs).
 _lib.impl("layer_forward", _layer_forward_cpu, "CPU")
 _lib.impl("layer_backward", _layer_backward_cpu, "CPU")
 _lib.impl("update_running_", _update_running_cpu, "CPU")
@@ -316,7 +305,7 @@ def _is_dense_cpu(t: Tensor) -> bool:
 def _plain_eager(x: Tensor) -> bool:
     """Eager mode on a plain tensor, with no dispatch mode watching: then the layer calls the
     operators' registered (validating) kernels directly, saving the dispatcher's round trips
-    into Python (about 20 us a call). Under compile, export, FakeTensor, functionalization or
+    into Python. Under compile, export, FakeTensor, functionalization or
     any TorchDispatchMode the calls go through the dispatcher."""
     return (type(x) is Tensor or type(x) is torch.nn.Parameter) and _is_dense_cpu(x) \
         and not torch.compiler.is_compiling() and _len_torch_dispatch_stack() == 0
@@ -325,8 +314,9 @@ def _plain_eager(x: Tensor) -> bool:
 def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
                   momentum: float, axis: int) -> tuple[Tensor, Optional[Moments]]:
     """Run one layer through ``normkit::layer_forward``: ``(y, tracked)`` where ``tracked``
-    holds the batch statistics when the running averages still have to move (they moved in
-    the kernel when they have the statistics dtype), else None."""
+    holds the batch statistics when the caller still has to move the running averages (they
+    are of another dtype than the statistics; otherwise ``normkit::update_running_`` moved
+    them), else None."""
     kinds, groups, constant_mask, track = _codes(spec)
     dtype = stat_dtype(x.dtype)
     weight, bias = _as_stat(weight, dtype), _as_stat(bias, dtype)

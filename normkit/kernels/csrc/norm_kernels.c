@@ -616,19 +616,17 @@ DEFINE_RUNNING(f32, float)
 DEFINE_RUNNING(f64, double)
 
 /* ---- whole layer in one call per direction ---------------------------------------------
- * Forward: moments (unless every statistic is a running one), mixer, apply, and the running
- * averages (track: 0 none, 1 the BN source's (C) batch statistics over N*L values, 2 the
- * IN moments averaged over samples); backward: reduce, mixer backward, dx. One foreign call
- * per direction keeps the per-layer overhead at a few microseconds. stats holds mean, var,
- * mu, scale (N*C each), then shift, batch mean, batch var (C each).
+ * Forward: moments (unless every statistic is a running one), mixer, apply; backward:
+ * reduce, mixer backward, dx. One foreign call per direction keeps the per-layer overhead
+ * at a few microseconds. stats holds mean, var, mu, scale (N*C each), then shift, batch
+ * mean, batch var (C each), from which nk_update_running_* moves the running averages.
  */
 #define DEFINE_LAYER(SFX, T, S, MS)                                                             \
     NK_API int nk_layer_forward_##SFX(int nlc, const T *x, T *y, i64 N, i64 C, i64 L, int K,    \
                                       const int *kinds, const i64 *groups, int const_mask,      \
                                       int need_moments, S *stats, const double *ml, const double *vl,     \
                                       const S *rm, const S *rv, const S *w, const S *b,         \
-                                      double eps, int track, double momentum, S *run_mean,      \
-                                      S *run_var, int nt) {                                     \
+                                      double eps, int nt) {                                     \
         const i64 nc = N * C;                                                                   \
         S *mean = stats, *var = stats + nc, *mu = var + nc, *scale = mu + nc;                   \
         S *shift = scale + nc, *bn_mean = shift + C, *bn_var = bn_mean + C;                     \
@@ -643,10 +641,6 @@ DEFINE_RUNNING(f64, double)
                                    rv, w, b, eps, mu, scale, shift, bn_mean, bn_var);           \
         if (code) return code;                                                                  \
         nk_apply_##SFX(nlc, x, y, N, C, L, mu, scale, shift, nt);                               \
-        if (track == 1 && run_mean)                                                             \
-            nk_update_running_##MS(N, C, N * L, 0, bn_mean, bn_var, momentum, run_mean, run_var); \
-        else if (track == 2 && run_mean)                                                        \
-            nk_update_running_##MS(N, C, L, 1, mean, var, momentum, run_mean, run_var);         \
         return 0;                                                                               \
     }                                                                                           \
     NK_API int nk_layer_backward_##SFX(int nlc, const T *dy, const T *x, T *dx, i64 N, i64 C,   \
