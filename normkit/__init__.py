@@ -19,9 +19,16 @@ from normkit.nn import (
     SwitchNorm1d,
     SwitchNorm2d,
     SwitchNorm3d,
+    SparseSwitchNorm1d,
+    SparseSwitchNorm2d,
+    SparseSwitchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    NormModule,
 )
-from normkit.tools.convert import convert, create_norm
-from normkit.tools.deploy import fuse, fuse_conv_bn, harden
+from normkit.tools.convert import ConvertReport, convert, create_norm, norm_act_converter, register_converter
+from normkit.tools.deploy import FuseReport, fuse, fuse_conv_bn, harden
 from normkit.tools.importance import ImportanceReport, importance_report, plot_importance, source_colour
 from normkit.tools.official import load_official_switchnorm, official_sources
 from normkit.tools.stats import RecomputeReport, freeze_stats, recompute_stats, reset_stats, unfreeze_stats
@@ -34,6 +41,12 @@ __all__ = [
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
+    "SparseSwitchNorm1d",
+    "SparseSwitchNorm2d",
+    "SparseSwitchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -50,7 +63,11 @@ __all__ = [
     "freeze_stats",
     "unfreeze_stats",
     "reset_stats",
+    "NormModule",
     "convert",
+    "ConvertReport",
+    "register_converter",
+    "norm_act_converter",
     "create_norm",
     "importance_report",
     "ImportanceReport",
@@ -60,6 +77,7 @@ __all__ = [
     "WSConv2d",
     "harden",
     "fuse",
+    "FuseReport",
     "fuse_conv_bn",
     "load_official_switchnorm",
     "official_sources",

@@ -41,6 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from normkit import kernels
 from normkit._core import (
+    InputError,
     MixSpec,
     Moments,
     apply_affine,
@@ -48,6 +49,7 @@ from normkit._core import (
     check_eps,
     check_float_input,
     check_momentum,
+    check_param_dtypes,
     check_vector,
     check_weights,
     mask_for,
@@ -78,8 +80,12 @@ __all__ = [
 
 def _reference_only(x: Tensor, mask: Optional[Tensor], process_group: Any, compiling: bool) -> bool:
     """Rule 1 of the module docstring: what only the reference path computes."""
-    if mask is not None or process_group is not None or x.numel() == 0 or torch.onnx.is_in_onnx_export():
-        return True  # no kernel takes masks or sync; ONNX has no normkit operator
+    if mask is not None or process_group is not None or x.numel() == 0:
+        return True  # no kernel takes masks or sync
+    # ONNX has no normkit operator. Both exporters trace (TorchScript's tracer, or torch.export
+    # while compiling), and the check itself costs as much as a small layer's kernel.
+    if (compiling or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export():
+        return True
     # torch.func transforms and forward AD have rules for ATen ops only (neither is active
     # while torch.compile traces)
     return not compiling and (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
@@ -119,7 +125,10 @@ def normalize(
     else:
         y, tracked = _reference(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var,
                                 channel_axis, mask, process_group)
-    if tracked is not None and running_mean is not None and running_var is not None:
+    # an empty input alone moves no statistic (skip the in-place update, which vmap refuses);
+    # synced, it moves them to the other processes' statistics
+    if tracked is not None and running_mean is not None and running_var is not None and (
+            x.numel() or process_group is not None):
         update_running(tracked, running_mean, running_var, momentum, spec.running)
     return y
 
@@ -186,6 +195,7 @@ def run(
     :func:`normalize`. ``x`` is a float tensor and ``channel_axis`` is non-negative."""
     c = x.shape[channel_axis]
     _check_small(x, c, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_param_dtypes(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     if spec.reads_running and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when statistics come from running averages")
     return normalize(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, momentum,
@@ -317,7 +327,7 @@ def group_norm(
     axis = _channel_axis(x, channel_axis)
     c = x.shape[axis]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
-        raise ValueError(f"num_groups must divide the number of channels {c}, got {num_groups}")
+        raise InputError(f"num_groups must divide the number of channels {c}, got {num_groups}")
     check_eps(eps)
     return run(x, MixSpec((f"gn{num_groups}",), eps), weight, bias, None, None, None, None, 0.0, axis, mask)
 
@@ -367,4 +377,194 @@ def layer_norm(
         y = y + bias
     if row_mask is not None:
         y = torch.where(valid_rows.reshape(*lead, *([1] * k)), y, 0.0)
+    return y.to(x.dtype)  # float32 parameters must not promote a half / bfloat16 output (torch's rule)
+
+
+# ---- Sparse Switchable Normalization and Batch Renormalization ------------------------------
+
+__all__ += ["sparse_switch_norm", "batch_renorm", "renorm_train"]
+
+
+def sparse_switch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean_logits: Optional[Tensor],
+    var_logits: Optional[Tensor],
+    radius: float = 0.0,
+    sources: Sequence[str] = ("in", "ln", "bn"),
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    channel_axis: int = 1,
+    mask: Optional[Tensor] = None,
+    process_group: object = None,
+) -> Tensor:
+    r"""Sparse Switchable Normalization (Shao, Luo et al., CVPR 2019): :func:`switch_norm`
+    with importance weights :math:`w = \mathrm{sparsestmax}(\text{mean\_logits}; r)`,
+    :math:`w' = \mathrm{sparsestmax}(\text{var\_logits}; r)` instead of softmaxes.
+
+    ``radius`` is :math:`r \in [0, \sqrt{1 - 1/K}]` (0: sparsemax; the maximum: one-hot). The
+    other arguments are those of :func:`switch_norm`.
+    """
+    from normkit._core.sparsestmax import sparsestmax_weights
+
+    axis = _channel_axis(x, channel_axis)
+    sources = parse_sources(sources, x.shape[axis])
+    check_eps(eps)
+    check_momentum(momentum)
+    mean_weights = var_weights = None
+    if len(sources) > 1:
+        check_weights(mean_logits, "mean_logits", sources, x.device)
+        check_weights(var_logits, "var_logits", sources, x.device)
+        mean_weights, var_weights = sparsestmax_weights(mean_logits, var_logits, radius)
+    has_bn = "bn" in sources
+    use_batch = training or running_mean is None
+    if has_bn and not use_batch and running_var is None:
+        raise ValueError("running_var is required with running_mean when not training")
+    return run(
+        x, MixSpec(sources, eps, use_batch, "bn"), weight, bias, mean_weights, var_weights,
+        running_mean if has_bn else None, running_var if has_bn else None, momentum, axis, mask,
+        process_group if training and has_bn else None,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_spec(eps: float) -> MixSpec:
+    # the batch-norm training spec itself, so every kernel set written for BN serves it
+    return MixSpec(("bn",), eps, True, "bn")
+
+
+def _batch_moments(x: Tensor, axis: int, mask: Optional[Tensor], process_group: Any) -> Moments:
+    """The batch's per-channel count, mean and biased variance, ``(1, C)``, as constants: one
+    read of ``x`` by the kernel set's moments pass where one serves ``x`` (the reference
+    moments otherwise), merged across ``process_group`` when given."""
+    compiling = torch.compiler.is_compiling()
+    with torch.no_grad():
+        chosen = None
+        if not _reference_only(x, mask, process_group, compiling) and not compiling and not isinstance(x, FakeTensor):
+            chosen = kernels.select(x)
+            if chosen is not None and chosen.supports(x, axis) is not None:
+                chosen = None
+        if chosen is not None:
+            mean, var = chosen.moments(x, axis)
+            # every sample has the same count: the merge is the plain average (Chan with equal weights)
+            batch_mean = mean.mean(0, keepdim=True)
+            batch_var = (var + (mean - batch_mean).square_()).mean(0, keepdim=True)
+            return Moments(mean.new_full((1, 1), float(x.numel() // max(mean.shape[1], 1))), batch_mean, batch_var)
+        batch = merge_moments(moments(x, axis, mask), 0)
+        if process_group is not None:
+            batch = all_merge_moments(batch, process_group)
+    return batch
+
+
+def _check_clip(r_max: float, d_max: float) -> None:
+    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not 1.0 <= r_max < math.inf:
+        raise ValueError(f"r_max must be a finite number >= 1 (r is clipped to [1/r_max, r_max]), got {r_max!r}")
+    if isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not 0.0 <= d_max < math.inf:
+        raise ValueError(f"d_max must be a finite number >= 0 (d is clipped to [-d_max, d_max]), got {d_max!r}")
+
+
+def renorm_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    r_max: float,
+    d_max: float,
+    momentum: float,
+    eps: float,
+    channel_axis: int,
+    mask: Optional[Tensor] = None,
+    process_group: Any = None,
+) -> Tensor:
+    r"""One Batch Renormalization training call (arguments validated, ``channel_axis``
+    non-negative): the batch-norm operator with the per-channel affine
+    :math:`(\gamma r, \beta + \gamma d)`, then the paper's running update.
+
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and ``d = clip((mu_B - mu) / sigma, -d_max,
+    d_max)`` with ``sigma_B = sqrt(var_B + eps)`` (biased batch variance) and ``sigma =
+    sqrt(running_var + eps)``; both are constants for autograd. With ``r_max = 1, d_max = 0``
+    the affine is ``gamma``, ``beta`` themselves: batch norm exactly. The running statistics
+    then move as in Ioffe (2017), Algorithm 1: ``mu += momentum * (mu_B - mu)``, ``sigma +=
+    momentum * (sigma_B - sigma)`` (``running_var = sigma^2 - eps``), for channels with more
+    than one valid value.
+    """
+    _check_small(x, x.shape[channel_axis], weight=weight, bias=bias, running_mean=running_mean,
+                 running_var=running_var)
+    compiling = torch.compiler.is_compiling()
+    batch = _batch_moments(x, channel_axis, mask, process_group)
+    scale, shift = weight, bias
+    with torch.no_grad():  # in the running statistics' dtype: a handful of (C,) operations
+        dtype = running_mean.dtype
+        mean_b, sigma_b = batch.mean[0].to(dtype), batch.var[0].to(dtype).clamp_min_(0.0).add_(eps).sqrt_()
+        sigma = (running_var.clamp_min(0.0) + eps).sqrt_()
+        correct = r_max != 1.0 or d_max != 0.0
+        if correct:
+            like = weight if weight is not None else (bias if bias is not None else x)
+            r = (sigma_b / sigma).clamp_(1.0 / r_max, r_max).to(like.dtype)
+            d = ((mean_b - running_mean) / sigma).clamp_(-d_max, d_max).to(like.dtype)
+    if correct:
+        scale = r if weight is None else weight * r
+        shift = (d if weight is None else weight * d) + (0.0 if bias is None else bias)
+    y = normalize(x, _batch_spec(float(eps)), scale, shift, None, None, None, None, 0.0, channel_axis, mask,
+                  process_group)
+    if momentum:
+        with torch.no_grad():
+            seen = batch.count.expand_as(batch.mean)[0] > 1
+            plain = type(x) in (Tensor, torch.nn.Parameter) and x.device.type == "cpu" and not compiling
+            if plain and mask is None and process_group is None and bool(seen[0]):  # one count for all channels
+                running_mean.lerp_(mean_b, momentum)
+                running_var.copy_(sigma.lerp_(sigma_b, momentum).square_().sub_(eps).clamp_min_(0.0))
+            else:
+                running_mean.copy_(torch.where(seen, running_mean.lerp(mean_b, momentum), running_mean))
+                new_sigma = torch.where(seen, sigma.lerp(sigma_b, momentum), sigma)
+                running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0))
     return y
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    *,
+    channel_axis: int = 1,
+    mask: Optional[Tensor] = None,
+    process_group: object = None,
+) -> Tensor:
+    r"""Batch Renormalization (Ioffe, NeurIPS 2017).
+
+    .. math::
+        y = \gamma \left(\frac{x - \mu_B}{\sigma_B}\, r + d\right) + \beta,\quad
+        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}\!\left(\frac{\sigma_B}{\sigma}\right),\quad
+        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}\!\left(\frac{\mu_B - \mu}{\sigma}\right)
+
+    in training (``r``, ``d`` constants in backward; :math:`\mu, \sigma` the running statistics,
+    which then move towards the batch's with ``momentum``, see :func:`renorm_train`); in eval
+    :math:`y = \gamma (x - \mu) / \sigma + \beta`, batch norm with the running statistics.
+    ``running_mean=None``: no statistics to renormalise against, plain batch norm with batch
+    statistics. ``momentum`` is the weight of the new batch (Keras' ``renorm_momentum=0.99``
+    is 0.01 here). Other arguments as :func:`batch_norm`.
+    """
+    axis = _channel_axis(x, channel_axis)
+    check_eps(eps)
+    check_momentum(momentum)
+    _check_clip(r_max, d_max)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None for batch statistics)")
+    if not training or running_mean is None:
+        return batch_norm(x, running_mean, running_var, weight, bias, training or running_mean is None, momentum,
+                          eps, channel_axis=axis, mask=mask, process_group=process_group)
+    return renorm_train(x, weight, bias, running_mean, running_var, float(r_max), float(d_max), momentum, eps, axis,
+                        mask, process_group)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The README's main job: install the batch-size experiment's dependencies
-# (experiments/batch_size/requirements.txt) and normkit itself, then run the default sweep
-# (SN vs BN vs GN across batch sizes on Fashion-MNIST; about 10 minutes on 2 cores).
-# Extra arguments are passed to `python -m experiments.batch_size sweep`.
+# The README's main job: install the batch-size study's dependencies
+# (experiments/batch_size/requirements.txt) and normkit itself, then run the demo grid
+# (BN, GN, SN, and BRN / SSN when normkit has them, x batch 1..32 x 3 seeds, plus a momentum
+# sweep; 2 processes of 1 thread each, about 10 minutes on 2 idle cores) and print its summary.
+# Writes runs/demo/: results.md, results.json, accuracy_vs_batch.png, importance_vs_batch.png.
+# Extra arguments go to `python -m experiments.batch_size sweep` (e.g. --full, --jobs 1, --quiet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
-    || echo "note: could not install dataset-fashion-mnist; the sweep falls back to scikit-learn's digits"
+    || echo "note: could not install dataset-fashion-mnist; the study falls back to scikit-learn's digits"
 fi
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r experiments/batch_size/requirements.txt
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-build-isolation --no-deps -e .

@@ -26,14 +26,19 @@ _CLASSES = {
     "in": (normkit.InstanceNorm1d, normkit.InstanceNorm2d, normkit.InstanceNorm3d),
     "gn": (normkit.GroupNorm,),
     "ln": (normkit.LayerNorm,),
+    "ssn": (normkit.SparseSwitchNorm1d, normkit.SparseSwitchNorm2d, normkit.SparseSwitchNorm3d),
+    "brn": (normkit.BatchRenorm1d, normkit.BatchRenorm2d, normkit.BatchRenorm3d),
 }
-_DEFAULT_SOURCES = {"bn": ("bn",), "sn": ("in", "ln", "bn"), "in": ("in",), "ln": ("in",)}
+_DEFAULT_SOURCES = {"bn": ("bn",), "sn": ("in", "ln", "bn"), "in": ("in",), "ln": ("in",), "ssn": ("in", "ln", "bn"),
+                    "brn": ("bn",)}
 
 
 @dataclass
 class Case:
     name: str
-    kind: str  # 'bn', 'sn', 'gn', 'in' or 'ln' (trailing dims; its own reference)
+    kind: str  # 'bn', 'sn', 'gn', 'in', 'ln' (trailing dims; its own reference), 'ssn' or 'brn'
+    # (ssn: SN with sparsestmax weights, the reference reads them from the layer; brn: in its
+    # warm-up, where its outputs and gradients are batch norm's)
     shape: tuple  # a sample input
     sources: tuple = ()  # the statistics the reference mixes; () = the kind's (SN: its default)
     axis: int = 1  # the channel axis the layer is built with (-1: channels-last)
@@ -51,7 +56,9 @@ class Case:
     @property
     def running(self) -> Optional[str]:
         """Which running statistic the layer tracks when asked: 'bn', 'in' or None."""
-        if self.kind in ("bn", "sn"):
+        if self.kind == "brn":  # its running statistics move by the paper's rule, which the
+            return None  # reference does not model: test_batch_renorm.py checks them
+        if self.kind in ("bn", "sn", "ssn"):
             return "bn" if "bn" in self.sources else None
         return "in" if self.kind == "in" else None
 
@@ -63,7 +70,7 @@ class Case:
     @property
     def sync(self) -> bool:
         """Takes ``process_group=`` (synchronised batch statistics)."""
-        return self.kind in ("bn", "sn")
+        return self.kind in ("bn", "sn", "ssn", "brn")
 
     @property
     def channels_axis(self) -> bool:
@@ -93,8 +100,8 @@ class Case:
         Rows with the same variant build the same layer at different sizes."""
         if self.kind == "gn":
             label = f"gn{self.groups}"
-        elif self.kind == "sn" and self.sources != _DEFAULT_SOURCES["sn"]:
-            label = "sn-" + "-".join(self.sources)
+        elif self.kind in ("sn", "ssn") and self.sources != _DEFAULT_SOURCES["sn"]:
+            label = f"{self.kind}-" + "-".join(self.sources)
         else:
             label = self.kind
         flags = [k if v is True else f"no-{k}" if v is False else f"{k}={v}"
@@ -117,7 +124,7 @@ class Case:
         args = {**self.extra, **kw}
         if axis != 1:
             args["axis"] = axis
-        if self.kind == "sn":
+        if self.kind in ("sn", "ssn"):
             args["sources"] = self.sources
         if tracking and self.running == "in":
             args["track_running_stats"] = True
@@ -134,6 +141,10 @@ class Case:
     def __str__(self) -> str:
         return self.name
 
+
+_SSN_SPHERE = {"radius_steps": None, "radius": 0.45}  # most random logits take the sphere branch
+# SSN rows say masks=False only because reference.of_layer / from_params mix with the softmax
+# of the logits; tests/test_sparse_switch_norm.py checks SSN's masks against its own weights.
 
 CASES = [
     Case("sn1d-2d", "sn", (6, 5)),
@@ -160,6 +171,17 @@ CASES = [
     Case("in1d", "in", (2, 3, 5), extra={"affine": True}),
     Case("in2d", "in", (2, 3, 4, 4), extra={"affine": True}),
     Case("in3d", "in", (2, 2, 3, 2, 2), extra={"affine": True}),
+    # fixed radii (no schedule): each call is the same function of its inputs
+    Case("ssn2d-sphere", "ssn", (4, 6, 3, 5), extra=_SSN_SPHERE, masks=False),
+    Case("ssn1d-gn2", "ssn", (3, 4, 5), ("in", "ln", "bn", "gn2"), extra=_SSN_SPHERE, masks=False),
+    Case("ssn1d-sparsemax", "ssn", (6, 5), extra={"radius_steps": None}, masks=False),
+    Case("ssn2d-one-hot", "ssn", (3, 4, 2, 3), extra={"radius_steps": None, "radius": 1.0}, masks=False),
+    Case("ssn2d-last", "ssn", (3, 2, 5, 4), axis=-1, extra=_SSN_SPHERE, masks=False),
+    Case("ssn3d", "ssn", (2, 3, 2, 3, 2), extra=_SSN_SPHERE, masks=False),
+    Case("brn1d", "brn", (7, 5)),
+    Case("brn2d", "brn", (3, 4, 5, 2)),
+    Case("brn2d-last", "brn", (3, 5, 2, 4), axis=-1),
+    Case("brn3d", "brn", (2, 2, 3, 2, 2)),
 ]
 
 # LayerNorm normalises trailing dims; it is checked with its own reference (torch.nn.LayerNorm).
@@ -206,3 +228,18 @@ def variants(table: Optional[list] = None, **want: Any) -> list[Case]:
 def variant(name: str) -> Case:
     """The row that stands for the configuration called ``name``."""
     return next(c for c in variants() if c.variant == name)
+
+
+#: torch.nn class -> the normkit class that subclasses and replaces it. Every torch ModuleInfo
+#: sample of these classes (``torch.testing._internal.common_modules.module_db``) runs through
+#: the normkit class in ``test_torch_modules.py``.
+TORCH_NAMESAKES = {
+    nn.BatchNorm1d: normkit.BatchNorm1d,
+    nn.BatchNorm2d: normkit.BatchNorm2d,
+    nn.BatchNorm3d: normkit.BatchNorm3d,
+    nn.GroupNorm: normkit.GroupNorm,
+    nn.LayerNorm: normkit.LayerNorm,
+    nn.InstanceNorm1d: normkit.InstanceNorm1d,
+    nn.InstanceNorm2d: normkit.InstanceNorm2d,
+    nn.InstanceNorm3d: normkit.InstanceNorm3d,
+}

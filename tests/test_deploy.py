@@ -100,14 +100,17 @@ def test_fuse_pairs_training_bn_and_errors():
         net[0].bn1.running_var.fill_(3.0)
     x = torch.randn(2, 2, 3, 3)
     expected = net(x)
-    normkit.fuse(net)
-    assert isinstance(net[0].bn1, nn.BatchNorm2d)  # not in a Sequential: untouched without pairs
-    normkit.fuse(net, pairs=[("0.conv1", "0.bn1")])
-    assert isinstance(net[0].bn1, nn.Identity)
+    _, done = normkit.fuse(net, report=True)  # found by tracing, though not in a Sequential
+    assert isinstance(net[0].bn1, nn.Identity) and done.folded == [("0.conv1", "0.bn1")] and not done.left
     torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+    net = nn.Sequential(Block()).eval()
+    normkit.fuse(net, pairs=[("0.conv1", "0.bn1")])  # named pairs are folded once
+    assert isinstance(net[0].bn1, nn.Identity)
 
     training = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4)).train()
-    assert isinstance(normkit.fuse(training)[1], nn.BatchNorm2d)
+    _, done = normkit.fuse(training, report=True)
+    assert isinstance(training[1], nn.BatchNorm2d) and done.left == [("1", done.left[0][1])]
+    assert "training mode" in done.left[0][1]
     with pytest.raises(ValueError, match="training mode.*call model.eval"):
         normkit.fuse(training, pairs=[("0", "1")])
     with pytest.raises(ValueError, match="no module at path 'nope'"):

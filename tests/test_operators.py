@@ -260,6 +260,48 @@ def test_operators_validate_every_tensor():
         torch.ops.normkit.update_running_(torch.zeros(400), torch.ones(4), stats, 3, 4, 10, 1, 0.1)
 
 
+@needs_cpu_kernels
+def test_spec_checks_hold_after_a_valid_call_with_the_same_codes():
+    op = torch.ops.normkit.layer_forward
+    none = (None,) * 6
+    op(torch.randn(2, 6, 3), *none, [3], [3], 0, 1e-5, 1)  # 3 groups divide 6 channels: checked once, remembered
+    with pytest.raises(ValueError, match="group count 3 of a kind-3 source is invalid for 4 channels"):
+        op(torch.randn(2, 4, 3), *none, [3], [3], 0, 1e-5, 1)
+    with pytest.raises(ValueError, match=r"eps must be finite and > 0, got nan"):
+        op(torch.randn(2, 6, 3), *none, [3], [3], 0, float("nan"), 1)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("name", ["sn-eval", "bn-eval", "in-eval", "gn"])
+def test_stats_without_batch_statistics_are_zero_there(name):
+    kinds, groups, mask = OP_SAMPLES[name]
+    args = [t.detach() if isinstance(t, torch.Tensor) else t
+            for t in _op_args(kinds, groups, mask, dtype=torch.float32)]
+    n, c = args[0].shape[:2]
+    for _ in range(3):  # a freed NaN buffer of the same size: the allocator tends to hand it back
+        poison = torch.full((4 * n * c + 3 * c,), float("nan"))
+        del poison
+        y, stats = torch.ops.normkit.layer_forward(*args)
+        assert torch.equal(stats[4 * n * c + c:], torch.zeros(2 * c))
+
+
+@needs_cpu_kernels
+def test_layer_backward_returns_empty_gradients_it_was_not_asked_for():
+    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _op_args([0, 1, 2], [1, 1, 1], 0)]
+    y, stats = torch.ops.normkit.layer_forward(*args)
+    dy = torch.randn_like(y)
+    x, w, _, wm, wv, rm, rv, kinds, groups, mask, eps, axis = args
+    common = (dy, x, stats, w, wm, wv, rm, rv, kinds, groups, mask, eps, axis)
+    full = torch.ops.normkit.layer_backward(*common, [True] * 5)
+    some = torch.ops.normkit.layer_backward(*common, [False, True, False, True, False])
+    for got, want, asked in zip(some, full, (False, True, False, True, False)):
+        assert got.dtype == want.dtype
+        if asked:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:
+            assert got.numel() == 0
+
+
 # ---- the backend switch ------------------------------------------------------------------------
 
 def test_use_backend_is_per_thread():

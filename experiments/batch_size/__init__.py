@@ -8,11 +8,14 @@ table and plots; see ``docs/EXPERIMENT.md``. An application on normkit's public 
 run from the repository root; its own dependencies are in ``requirements.txt`` here.
 """
 
+__version__ = "0.3.0"
+
 from .data import Dataset, DataError, load_dataset, read_idx
 from .model import ResNetSmall
 from .train import TrainConfig, scaled_lr, train
 
 __all__ = [
+    "__version__",
     "Dataset",
     "DataError",
     "load_dataset",

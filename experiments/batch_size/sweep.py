@@ -1,10 +1,12 @@
-"""The batch-size grid of the SN paper (Luo et al., ICLR 2019, Table 2 and Fig. 1) in
-small: every normalizer at every per-process batch size, on the same training samples, with
-the learning rate scaled linearly with the batch (``python -m experiments.batch_size sweep``).
+"""The study's grid (``python -m experiments.batch_size sweep``): every normalizer at every
+per-process batch size and seed, plus a sweep of the running-average momentum, on the
+same training samples per seed, with the learning rate scaled linearly with the batch.
 
-Each run writes ``OUT/runs/<norm>-b<batch>/result.json``; a rerun of the same command skips
-every run whose result exists with the same settings, so an interrupted sweep resumes.
-Then ``results.json``, ``results.md`` (the paper-style table with SN-BN and SN-GN rows),
+Each run writes ``OUT/runs/<norm>-b<batch>-s<seed>[-m<momentum>]/result.json``; a rerun of
+the same command reuses every run whose result exists with the same settings, so an
+interrupted sweep continues with the runs it had not finished. Runs are independent and
+single-threaded, so ``jobs`` processes in parallel give the same numbers as one. Then
+``results.json``, ``results.md`` (summary of claims, tables) and, with matplotlib,
 ``accuracy_vs_batch.png`` and ``importance_vs_batch.png`` are written to ``OUT``.
 """
 
@@ -12,19 +14,50 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from .data import load_dataset
-from .plots import mean_importance, plot_accuracy_vs_batch, plot_importance_vs_batch
-from .train import TrainConfig, config_error, ConfigError, train
+from .data import Dataset, load_dataset
+from .deps import has_module
+from .report import results_markdown, summary_text
+from .train import ConfigError, TrainConfig, config_error, summary_line, train
 
-__all__ = ["run_dir", "sweep", "write_report", "results_markdown"]
+__all__ = ["Grid", "grid_configs", "run_dir", "sweep", "write_report"]
 
 
-def run_dir(out: str, norm: str, batch_size: int) -> str:
-    return os.path.join(out, "runs", f"{norm}-b{batch_size}")
+@dataclass
+class Grid:
+    """What a sweep runs: ``norms x batch_sizes x seeds`` with the layers' default momentum,
+    and ``momentum_norms`` at ``momentum_batch`` with each of ``momenta`` for the same seeds."""
+
+    norms: Sequence[str]
+    batch_sizes: Sequence[int]
+    seeds: Sequence[int] = (0,)
+    momenta: Sequence[float] = ()
+    momentum_norms: Sequence[str] = ()
+    momentum_batch: int = 2
+
+
+def grid_configs(base: TrainConfig, grid: Grid) -> list[TrainConfig]:
+    """Every run of ``grid`` with the other settings of ``base``, in table order."""
+    configs = [
+        dataclasses.replace(base, norm=n, batch_size=b, seed=s, norm_momentum=None)
+        for n in grid.norms for b in grid.batch_sizes for s in grid.seeds
+    ]
+    configs += [
+        dataclasses.replace(base, norm=n, batch_size=grid.momentum_batch, seed=s, norm_momentum=m)
+        for n in grid.momentum_norms for m in grid.momenta for s in grid.seeds
+    ]
+    return configs
+
+
+def run_dir(out: str, cfg: TrainConfig) -> str:
+    momentum = "" if cfg.norm_momentum is None else f"-m{cfg.norm_momentum:g}"
+    return os.path.join(out, "runs", f"{cfg.norm}-b{cfg.batch_size}-s{cfg.seed}{momentum}")
 
 
 def _finished(path: str, cfg: TrainConfig) -> Optional[dict[str, Any]]:
@@ -37,22 +70,33 @@ def _finished(path: str, cfg: TrainConfig) -> Optional[dict[str, Any]]:
     return result if result.get("config") == cfg.to_dict() else None
 
 
+_worker_data: Optional[Dataset] = None
+
+
+def _start_worker(data_dir: Optional[str], dataset: str) -> None:
+    global _worker_data
+    _worker_data = load_dataset(data_dir, dataset)[0]
+
+
+def _train_in_worker(cfg: TrainConfig, path: str, plots: bool) -> dict[str, Any]:
+    return train(cfg, path, progress=False, log=lambda _line: None, data=_worker_data, plots=plots)
+
+
 def sweep(
     base: TrainConfig,
-    norms: Sequence[str],
-    batch_sizes: Sequence[int],
+    grid: Grid,
     out: str,
     *,
+    jobs: int = 1,
     progress: bool = True,
+    plots: bool = True,
     log: Callable[[str], None] = print,
     command: str = "",
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every ``norm x batch size`` with the other settings of ``base``, then
-    write the report. Returns the list of run results in grid order."""
-    from tqdm.auto import tqdm
-
-    grid = [dataclasses.replace(base, norm=n, batch_size=b) for n in norms for b in batch_sizes]
-    for cfg in grid:
+    """Run (or resume) every run of ``grid``, ``jobs`` at a time in separate processes, then
+    write the report and print its summary. Returns the run results in grid order."""
+    configs = grid_configs(base, grid)
+    for cfg in configs:
         message = config_error(cfg)
         if message:
             raise ConfigError(message)
@@ -61,101 +105,64 @@ def sweep(
     if notice:
         log(notice)
     log(
-        f"sweep: {len(norms)} norms x {len(batch_sizes)} batch sizes on {data.name}, "
-        f"{base.limit_train or len(data.train_labels)} training samples x {base.epochs} epoch(s) per run; "
-        f"lr = min({base.max_lr}, {base.base_lr} * batch / {base.ref_batch}), {base.warmup:.0%} warm-up, cosine decay"
+        f"sweep: {len(configs)} runs ({', '.join(n.upper() for n in grid.norms)} x batch {','.join(map(str, grid.batch_sizes))} "
+        f"x {len(grid.seeds)} seed(s){f', + momentum sweep' if grid.momenta else ''}) on {data.name}, "
+        f"{base.limit_train or len(data.train_labels)} training samples x {base.epochs} epoch(s), {jobs} process(es)"
     )
-    results, reused = [], 0
-    bar = tqdm(grid, desc="sweep", unit="run", disable=not progress)
-    for cfg in bar:
-        path = run_dir(out, cfg.norm, cfg.batch_size)
-        result = _finished(path, cfg)
-        if result is not None:
-            reused += 1
-            log(f"{cfg.norm:>3} batch {cfg.batch_size:>4}: done before, reusing {path}/result.json")
+    results: dict[int, dict[str, Any]] = {}
+    pending = []
+    for i, cfg in enumerate(configs):
+        stored = _finished(run_dir(out, cfg), cfg)
+        if stored is None:
+            pending.append(i)
         else:
-            result = train(cfg, path, progress=progress, log=bar.write if progress else log, data=data)
-        results.append(result)
+            results[i] = stored
+    if results:
+        log(f"sweep: reusing {len(results)} finished runs from {os.path.join(out, 'runs')}")
+    # Smallest batches first: they take longest, so the processes finish together.
+    pending.sort(key=lambda i: configs[i].batch_size)
+
+    def report(i: int, result: dict[str, Any]) -> None:
+        results[i] = result
+        if progress:
+            log(f"[{len(results)}/{len(configs)}] {summary_line(result)}")
+
+    if jobs <= 1 or len(pending) <= 1:
+        for i in pending:
+            report(i, train(configs[i], run_dir(out, configs[i]), progress=False, log=log, data=data, plots=plots))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(base.data_dir, base.dataset)) as pool:
+            futures = {i: pool.submit(_train_in_worker, configs[i], run_dir(out, configs[i]), plots) for i in pending}
+            try:
+                for i in pending:
+                    report(i, futures[i].result())
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    runs = [results[i] for i in range(len(configs))]
     elapsed = time.perf_counter() - start
-    write_report(results, out, command=command, elapsed=elapsed, reused=reused)
-    log(f"sweep: wrote {os.path.join(out, 'results.md')} and the plots in {elapsed:.0f} s ({reused} runs reused)")
-    return results
+    write_report(runs, out, command=command, elapsed=elapsed, reused=len(configs) - len(pending), plots=plots)
+    log(summary_text(runs))
+    log(f"sweep: wrote {os.path.join(out, 'results.md')} in {elapsed:.0f} s ({len(configs) - len(pending)} runs reused)")
+    return runs
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
-
-
-def _table(runs: list[dict[str, Any]], key: str, norms: list[str], sizes: list[int]) -> list[str]:
-    acc = {(r["config"]["norm"], r["config"]["batch_size"]): r[key] for r in runs}
-    lines = ["| norm | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-    for n in norms:
-        lines.append(f"| {n.upper()} | " + " | ".join(_pct(acc[n, b]) if (n, b) in acc else "-" for b in sizes) + " |")
-    if "sn" in norms:
-        for other in ("bn", "gn"):
-            if other in norms:
-                cells = [
-                    f"{100 * (acc['sn', b] - acc[other, b]):+.2f}" if ("sn", b) in acc and (other, b) in acc else "-"
-                    for b in sizes
-                ]
-                lines.append(f"| SN-{other.upper()} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def results_markdown(runs: list[dict[str, Any]], command: str = "", elapsed: Optional[float] = None) -> str:
-    """The paper-style tables (accuracy with batch-average and moving-average statistics,
-    SN-BN and SN-GN differences) and the SN importance weights per batch size."""
-    norms = list(dict.fromkeys(r["config"]["norm"] for r in runs))
-    sizes = sorted({r["config"]["batch_size"] for r in runs})
-    first = runs[0]
-    cfg = first["config"]
-    lines = [
-        f"# Normalizers vs batch size on {first['dataset']}",
-        "",
-        f"Small residual CNN (`ResNetSmall`, width {cfg['width']}, 10 norm layers), {first['train_samples']} training samples x "
-        f"{cfg['epochs']} epoch(s) per run (the same samples for every run), "
-        f"{first['test_samples']} test samples, seed {cfg['seed']}, {first['world_size']} process(es).",
-        f"Learning rate: {first['lr_rule']}. SGD, Nesterov momentum {cfg['momentum']}, weight decay "
-        f"{cfg['weight_decay']} on conv/linear weights. GN: {cfg['gn_groups']} groups.",
-        f"Machine: {first['machine']}.",
-    ]
-    if command:
-        lines.append(f"Command: `{command}`.")
-    if elapsed is not None:
-        total = sum(r["wall_seconds"] for r in runs)
-        lines.append(f"Sweep wall time: {elapsed:.0f} s (sum of the runs' own times: {total:.0f} s).")
-    lines += [
-        "",
-        "## Test accuracy (%), batch-average statistics (`recompute_stats` after training)",
-        "",
-        *_table(runs, "test_accuracy_recomputed", norms, sizes),
-        "",
-        "## Test accuracy (%), moving averages kept during training (momentum 0.1)",
-        "",
-        *_table(runs, "test_accuracy", norms, sizes),
-    ]
-    sn_runs = sorted((r for r in runs if r.get("importance")), key=lambda r: r["config"]["batch_size"])
-    if sn_runs:
-        averaged = [(r["config"]["batch_size"], mean_importance(r)) for r in sn_runs]
-        keys = list(averaged[0][1])
-        lines += [
-            "",
-            "## SN importance weights, averaged over the layers",
-            "",
-            "| batch | " + " | ".join(k.replace("_", " ").replace(" in", " IN").replace(" ln", " LN").replace(" bn", " BN") for k in keys) + " |",
-            "|---" * (len(keys) + 1) + "|",
-        ]
-        lines += [f"| {b} | " + " | ".join(f"{w[k]:.3f}" for k in keys) + " |" for b, w in averaged]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(runs: list[dict[str, Any]], out: str, *, command: str = "", elapsed: Optional[float] = None, reused: int = 0) -> None:
-    """Write ``results.json``, ``results.md`` and the two figures to ``out``."""
+def write_report(
+    runs: list[dict[str, Any]], out: str, *, command: str = "", elapsed: Optional[float] = None, reused: int = 0, plots: bool = True
+) -> list[str]:
+    """Write ``results.json``, ``results.md`` and (with ``plots`` and matplotlib) the two
+    figures to ``out``; returns the paths written."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    paths = [os.path.join(out, "results.json"), os.path.join(out, "results.md")]
+    with open(paths[0], "w") as f:
         json.dump({"command": command, "elapsed_seconds": elapsed, "reused_runs": reused, "runs": runs}, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(paths[1], "w") as f:
         f.write(results_markdown(runs, command, elapsed))
-    plot_accuracy_vs_batch(runs, os.path.join(out, "accuracy_vs_batch.png"))
-    if any(r.get("importance") for r in runs):
-        plot_importance_vs_batch(runs, os.path.join(out, "importance_vs_batch.png"))
+    if plots and has_module("matplotlib"):
+        from .plots import plot_accuracy_vs_batch, plot_importance_vs_batch
+
+        paths.append(plot_accuracy_vs_batch(runs, os.path.join(out, "accuracy_vs_batch.png")))
+        if any(r.get("importance") for r in runs):
+            paths.append(plot_importance_vs_batch(runs, os.path.join(out, "importance_vs_batch.png")))
+    return paths

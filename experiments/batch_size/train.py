@@ -26,9 +26,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .data import Dataset, load_dataset
+from .deps import has_module
 from .model import ResNetSmall
+from .norms import check_norm, layer_options, tracks_running_stats
+from .progress import Progress
 
-__all__ = ["ConfigError", "TrainConfig", "scaled_lr", "train", "config_error", "summary_line"]
+__all__ = ["ConfigError", "TrainConfig", "scaled_lr", "train", "config_error", "summary_line", "write_result"]
 
 
 class ConfigError(ValueError):
@@ -56,7 +59,11 @@ class TrainConfig:
             batch size for the batch-average statistics. Defaults: 2048, 128.
         data_dir, dataset: see :func:`experiments.batch_size.data.load_dataset`.
         sync_stats: merge BN statistics across processes (``normkit.convert(model, "sync")``).
-        threads: torch CPU threads; None: torch's default (cores / processes under torchrun).
+        threads: torch CPU threads. Default: 1 (bit-identical results run to run; a small-batch
+            step gains nothing from a second thread; see ``docs/EXPERIMENT.md``). None: torch's
+            default (cores / processes under torchrun).
+        norm_momentum: weight of the new batch in the running averages (PyTorch convention:
+            Keras' 0.99 is 0.01); None: the layer's default (0.1).
     """
 
     norm: str = "sn"
@@ -78,7 +85,8 @@ class TrainConfig:
     data_dir: Optional[str] = None
     dataset: str = "auto"
     sync_stats: bool = False
-    threads: Optional[int] = None
+    threads: Optional[int] = 1
+    norm_momentum: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +104,15 @@ def config_error(cfg: TrainConfig) -> Optional[str]:
             return f"{name.replace('_', '-')} must be a positive integer or omitted, got {value!r}"
     if not (cfg.base_lr > 0 and cfg.max_lr > 0 and 0 <= cfg.warmup < 1):
         return f"need base-lr > 0, max-lr > 0 and 0 <= warmup < 1, got {cfg.base_lr}, {cfg.max_lr}, {cfg.warmup}"
+    try:
+        check_norm(cfg.norm)
+    except ValueError as err:
+        return str(err)
+    if cfg.norm_momentum is not None:
+        if not 0 < cfg.norm_momentum <= 1:
+            return f"norm momentum must be in (0, 1] (the weight of the new batch), got {cfg.norm_momentum!r}"
+        if not tracks_running_stats(cfg.norm):
+            return f"norm momentum needs a normalizer with running averages (bn, sn, ...), got {cfg.norm!r}"
     return None
 
 
@@ -199,11 +216,14 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     data: Optional[Dataset] = None,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg`` and return the result dict (written to ``out_dir/result.json`` by rank 0).
 
-    For SN, rank 0 also writes ``importance.png`` and ``importance.txt`` to ``out_dir``.
-    ``data`` skips loading (a sweep loads once). Raises :class:`ConfigError` for a bad config and
+    A run has no checkpoint: an interrupted run starts again from step 0. For a switchable
+    normalizer, rank 0 also writes ``importance.txt`` and, with ``plots`` and matplotlib,
+    ``importance.png``, both after ``result.json``. ``data`` skips loading (a sweep loads
+    once). Raises :class:`ConfigError` for a bad config and
     :class:`experiments.batch_size.data.DataError` for missing or corrupt data.
     """
     message = config_error(cfg)
@@ -221,22 +241,26 @@ def train(
             data, notice = load_dataset(cfg.data_dir, cfg.dataset)
             if notice and env.main:
                 log(notice)
-        return _run(cfg, out_dir, data, env, progress and env.main, log)
+        result = _run(cfg, data, env, progress and env.main)
+        if env.main:
+            if out_dir:
+                write_result(result, out_dir, plots=plots, log=log)
+            log(summary_line(result))
+        env.barrier()
+        return result
     finally:
         torch.set_num_threads(threads)
         env.close()
 
 
-def _run(
-    cfg: TrainConfig, out_dir: Optional[str], data: Dataset, env: _Dist, progress: bool, log: Callable[[str], None]
-) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+def _run(cfg: TrainConfig, data: Dataset, env: _Dist, progress: bool) -> dict[str, Any]:
+    from normkit import convert, importance_report, recompute_stats
 
-    from normkit import convert, importance_report, plot_importance, recompute_stats
-
-    start = time.perf_counter()
+    start, cpu_at_start = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
-    model = ResNetSmall(cfg.norm, num_classes=data.num_classes, width=cfg.width, gn_groups=cfg.gn_groups).to(env.device)
+    options = layer_options(cfg.norm, cfg.batch_size, cfg.norm_momentum)
+    model = ResNetSmall(cfg.norm, num_classes=data.num_classes, width=cfg.width, gn_groups=cfg.gn_groups, **options)
+    model.to(env.device)
     if cfg.sync_stats and env.world > 1:
         convert(model, "sync")
     net: nn.Module = model
@@ -257,17 +281,14 @@ def _run(
     order_rng = torch.Generator().manual_seed(cfg.seed + 1)
     history = []
     step = 0
-    epochs = tqdm(range(cfg.epochs), desc=f"{cfg.norm} b{cfg.batch_size}", unit="epoch", disable=not progress, leave=False)
-    for epoch in epochs:
+    bar = Progress(total_steps, f"{cfg.norm} batch {cfg.batch_size} seed {cfg.seed}", enabled=progress)
+    cpu_start = time.process_time()
+    for epoch in range(cfg.epochs):
         net.train()
         order = subset[torch.randperm(len(subset), generator=order_rng)]
         shard = order[env.rank :: env.world][:per_rank]
         loss_sum = correct = seen = 0.0
-        bar = tqdm(
-            _batches(data, shard, cfg.batch_size, env.device), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="step", disable=not progress, leave=False, mininterval=0.5,
-        )
-        for x, y in bar:
+        for x, y in _batches(data, shard, cfg.batch_size, env.device):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total_steps, peak_lr, cfg.warmup)
             logits = net(x)
@@ -281,11 +302,12 @@ def _run(
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            if progress and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+            bar.update(1, f"epoch {epoch + 1}/{cfg.epochs}, loss {loss_sum / seen:.3f}")
         loss_sum, correct, seen = env.sum([loss_sum, correct, seen])
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen})
+    bar.close()
     train_time = time.perf_counter() - start
+    train_cpu = time.process_time() - cpu_start
 
     # Test with the moving averages, then with the batch-average statistics (paper, Fig. 8).
     acc_moving = evaluate(model, data, cfg.limit_test, env.device) if env.main else float("nan")
@@ -309,6 +331,7 @@ def _run(
         "test_samples": min(cfg.limit_test or len(data.test_labels), len(data.test_labels)),
         "world_size": env.world,
         "global_batch": cfg.batch_size * env.world,
+        "layer_options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
         "steps": total_steps,
         "peak_lr": peak_lr,
         "lr_rule": (
@@ -320,33 +343,51 @@ def _run(
         "test_accuracy_recomputed": acc_recomputed,
         "recompute": recompute_note,
         "train_seconds": train_time,
+        "train_cpu_seconds": train_cpu,
+        # per process: the training loop only (forward, backward, step), not the evaluation
+        "samples_per_second": total_steps * cfg.batch_size / train_time if train_time > 0 else float("nan"),
         "wall_seconds": wall,
+        "cpu_seconds": time.process_time() - cpu_at_start,  # the whole run, evaluation included
         "machine": _machine(),
     }
     if env.main:
-        report = importance_report(model)
-        if len(report):
-            result["importance"] = report.to_dicts()
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            if len(report):
-                plot_importance(report, os.path.join(out_dir, "importance.png"), title=f"SN importance weights, batch {cfg.batch_size}")
-                with open(os.path.join(out_dir, "importance.txt"), "w") as f:
-                    f.write(str(report) + "\n")
-            tmp = os.path.join(out_dir, "result.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
-            os.replace(tmp, os.path.join(out_dir, "result.json"))  # atomic: a killed run leaves no result
-        log(summary_line(result))
-    env.barrier()
+        weights = importance_report(model)
+        if len(weights):
+            result["importance"] = weights.to_dicts()
     return result
 
 
+def write_result(result: dict[str, Any], out_dir: str, *, plots: bool = True, log: Callable[[str], None] = print) -> None:
+    """Write ``result.json`` (atomically: a killed run leaves none), then the extras of a
+    switchable normalizer: ``importance.txt`` and, with ``plots`` and matplotlib, ``importance.png``."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "result.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "result.json"))
+    rows = result.get("importance")
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k != "layer"]
+    with open(os.path.join(out_dir, "importance.txt"), "w") as f:
+        f.write("layer".ljust(22) + "".join(f"{k.split('_')[0]} {k.split('_')[1].upper()}".rjust(9) for k in keys) + "\n")
+        for row in rows:
+            f.write(row["layer"].ljust(22) + "".join(f"{row[k]:9.3f}" for k in keys) + "\n")
+    if plots and has_module("matplotlib"):
+        from .plots import plot_run_importance
+
+        cfg = result["config"]
+        plot_run_importance(rows, os.path.join(out_dir, "importance.png"),
+                            title=f"{cfg['norm'].upper()} importance weights, batch {cfg['batch_size']}, seed {cfg['seed']}")
+
+
 def summary_line(result: dict[str, Any]) -> str:
-    """One line per run: config, steps, lr, both test accuracies, time."""
+    """One line per run: config, steps, lr, both test accuracies, speed, time."""
     cfg = result["config"]
+    momentum = "" if cfg.get("norm_momentum") is None else f" momentum {cfg['norm_momentum']}"
     return (
-        f"{cfg['norm']:>3} batch {cfg['batch_size']:>4} x{result['world_size']} | {cfg['epochs']} ep, "
-        f"{result['steps']} steps, lr {result['peak_lr']:.4g} | test acc {result['test_accuracy']:.2%} moving avg, "
-        f"{result['test_accuracy_recomputed']:.2%} batch avg | {result['wall_seconds']:.0f} s"
+        f"{cfg['norm']:>3} batch {cfg['batch_size']:>3} seed {cfg['seed']}{momentum} x{result['world_size']} | "
+        f"{cfg['epochs']} ep, {result['steps']} steps, lr {result['peak_lr']:.4g} | test acc "
+        f"{result['test_accuracy']:.2%} moving avg, {result['test_accuracy_recomputed']:.2%} batch avg | "
+        f"{result['samples_per_second']:.0f} samples/s, {result['wall_seconds']:.0f} s"
     )

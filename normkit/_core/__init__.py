@@ -7,9 +7,12 @@ sources`` (IN, LN, BN, GN as exact Chan merges of those moments) ``-> mix`` (a f
 """
 
 from normkit._core.checks import (
+    InputError,
+    UnsupportedDtypeError,
     check_eps,
     check_float_input,
     check_momentum,
+    check_param_dtypes,
     check_vector,
     check_weights,
 )
@@ -26,10 +29,13 @@ from normkit._core.moments import (
     sum_positions,
 )
 from normkit._core.sources import VALID_SOURCES_TEXT, parse_sources, source_code, source_moments
+from normkit._core.sparsestmax import max_radius, sparsemax, sparsestmax, sparsestmax_weights
 from normkit._core.spec import MixSpec, apply_affine, mix, spec_from_codes, update_running
 from normkit._core.weights import softmax_weights
 
 __all__ = [
+    "InputError",
+    "UnsupportedDtypeError",
     "Moments",
     "MixSpec",
     "VALID_SOURCES_TEXT",
@@ -38,17 +44,22 @@ __all__ = [
     "check_eps",
     "check_float_input",
     "check_momentum",
+    "check_param_dtypes",
     "check_vector",
     "check_weights",
     "expand_stat",
     "mask_for",
     "merge_moments",
+    "max_radius",
     "mix",
     "moments",
     "normalize_axis",
     "parse_sources",
     "reduce_dims",
     "source_code",
+    "sparsemax",
+    "sparsestmax",
+    "sparsestmax_weights",
     "softmax_weights",
     "source_moments",
     "spec_from_codes",

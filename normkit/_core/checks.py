@@ -8,14 +8,35 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["check_eps", "check_float_input", "check_momentum", "check_vector", "check_weights"]
+__all__ = [
+    "InputError",
+    "UnsupportedDtypeError",
+    "check_eps",
+    "check_float_input",
+    "check_momentum",
+    "check_param_dtypes",
+    "check_vector",
+    "check_weights",
+]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+class InputError(ValueError, RuntimeError):
+    """A tensor argument that does not fit the call (size, device, dtype mix). A ValueError,
+    and a RuntimeError as the same mistake is in ``torch.nn`` (``except RuntimeError`` written
+    for torch's layers keeps working)."""
+
+
+class UnsupportedDtypeError(ValueError, NotImplementedError):
+    """A non-floating input (int, bool, complex). A ValueError, and a NotImplementedError as
+    torch's ``"batch_norm" not implemented for 'Long'``."""
 
 
 def check_eps(eps: float) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+        raise ValueError(f"eps must be positive (> 0 and finite), got {eps!r}")
 
 
 def check_momentum(momentum: float) -> None:
@@ -30,7 +51,7 @@ def check_float_input(x: object, name: str = "input") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(
+        raise UnsupportedDtypeError(
             f"{name} must be float16, bfloat16, float32 or float64, got dtype {x.dtype}; convert it with x.float()"
         )
     if x.layout != torch.strided:
@@ -39,9 +60,9 @@ def check_float_input(x: object, name: str = "input") -> None:
 
 def _check_float_on(t: Tensor, name: str, device: torch.device) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        raise UnsupportedDtypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the input is on {device}; move it with .to({str(device)!r})")
+        raise InputError(f"{name} is on {t.device} but the input is on {device}; move it with .to({str(device)!r})")
     if t.layout != torch.strided:
         raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
@@ -54,7 +75,7 @@ def check_vector(t: Optional[Tensor], name: str, size: int, device: torch.device
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.numel() != size or t.dim() != 1:
-        raise ValueError(
+        raise InputError(
             f"{name} should contain {size} elements not {t.numel()} (expected shape ({size},), one per channel, "
             f"got shape {tuple(t.shape)})"
         )
@@ -71,5 +92,18 @@ def check_weights(t: Optional[Tensor], name: str, sources: tuple[str, ...], devi
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) != (k,):
-        raise ValueError(f"{name} must have shape ({k},), one entry per source {sources}, got {tuple(t.shape)}")
+        raise InputError(f"{name} must have shape ({k},), one entry per source {sources}, got {tuple(t.shape)}")
     _check_float_on(t, name, device)
+
+
+def check_param_dtypes(x: Tensor, **tensors: Optional[Tensor]) -> None:
+    """Parameters and statistics have the input's dtype, or float32 for a float16 / bfloat16
+    input (torch's rule: a float64 layer on float32 input is refused, not silently rounded)."""
+    for name, t in tensors.items():
+        if t is None or t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in _REDUCED):
+            continue
+        allowed = f"{x.dtype}" + (" or torch.float32" if x.dtype in _REDUCED else "")
+        raise InputError(
+            f"mixed dtype: {name} is {t.dtype} but the input is {x.dtype} (expected {allowed}); "
+            f"cast the layer (.to({x.dtype})) or the input (x.to({t.dtype}))"
+        )

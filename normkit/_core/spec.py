@@ -143,7 +143,9 @@ def mix(
             mu = mu + wm[k] * per_source[k].mean.double()
             var = var + wv[k] * per_source[k].var.double()
         mu, var = mu.to(dtype), var.to(dtype)
-    scale = torch.rsqrt(var.clamp_min(0.0) + spec.eps).expand(n, c)
+    # no clamp: mixed batch variances are never negative, and a negative or NaN running
+    # variance gives NaN, as in torch
+    scale = torch.rsqrt(var + spec.eps).expand(n, c)
     if weight is not None:
         scale = scale * weight.to(dtype)
     mu = mu.expand(n, c)

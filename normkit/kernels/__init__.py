@@ -109,7 +109,7 @@ def select(x: Tensor) -> Optional[KernelSet]:
         return None
     if backend != "auto":
         return load(backend)
-    device = x.device.type
+    device = "cpu" if x.is_cpu else x.device.type  # (device.type formats a string: slow on small inputs)
     name = _AUTO.get(device)
     if name is None:
         return None

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from normkit._core import Moments
+from normkit._core import Moments, apply_affine, moments
 from normkit.kernels._protocol import KernelSet
 
 __all__ = ["generic_normalize"]
@@ -48,6 +48,8 @@ class _GenericNorm(torch.autograd.Function):
         it = iter(present)
         small = [None if none else next(it) for none in ctx.small_is_none]
         wants = ctx.needs_input_grad[5:]
+        if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward)
+            return _differentiable_backward(ctx, dy, x, small, wants)
         with torch.enable_grad():
             mean_leaf = mean.detach().requires_grad_()
             var_leaf = var.detach().requires_grad_()
@@ -75,6 +77,20 @@ class _GenericNorm(torch.autograd.Function):
             q = 2.0 * g_var / ctx.length if g_var is not None else zeros
             dx = ctx.kernels.backward_apply(dy, x, mean, scale_d, p, q, ctx.axis)
         return (dx, None, None, None, None, *dsmall)
+
+
+def _differentiable_backward(ctx, dy: Tensor, x: Tensor, small: list, wants: tuple) -> tuple:
+    """The backward as plain ATen ops on the saved tensors, so that autograd can differentiate
+    it again (the kernels' passes have no derivative of their own)."""
+    with torch.enable_grad():
+        mu, scale, shift, _ = ctx.mix_fn(moments(x, ctx.axis), *small)
+        y = apply_affine(x, mu, scale, shift, ctx.axis)
+        wanted = [x] if ctx.needs_input_grad[0] else []
+        wanted += [s for s, want in zip(small, wants) if s is not None and want]
+        found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    dx = next(found) if ctx.needs_input_grad[0] else None
+    dsmall = [next(found) if (s is not None and want) else None for s, want in zip(small, wants)]
+    return (dx, None, None, None, None, *dsmall)
 
 
 def generic_normalize(kernels: KernelSet, x: Tensor, axis: int, mix_fn: MixFn, small: tuple) -> tuple[Tensor, Optional[Moments]]:

@@ -12,7 +12,7 @@ ctypes releases the GIL during each call; OpenMP threads follow ``torch.get_num_
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -101,7 +101,7 @@ def matching(t: Tensor, like: Tensor, nlc: int, axis: int) -> Tensor:
 
 def _refusal(x: Tensor) -> Optional[str]:
     """Why the C kernels cannot take x whatever its layout, or None."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return f"the C kernels run on CPU tensors, got a {x.device.type} tensor"
     if x.dtype not in _FNS:
         return f"dtype {x.dtype} is not one of {DTYPES}"
@@ -127,8 +127,7 @@ def _stat(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> N
     """A statistics tensor the C code reads or writes: exact shape, dtype, CPU, contiguous."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() \
-            or t.layout != torch.strided:
+    if t.shape != shape or t.dtype != dtype or not t.is_cpu or not t.is_contiguous() or t.layout != torch.strided:
         raise ValueError(
             f"{name} must be a contiguous CPU {dtype} tensor of shape {shape}, got a "
             f"{'contiguous' if t.is_contiguous() else 'non-contiguous'} {t.device.type} {t.dtype} tensor "
@@ -152,7 +151,8 @@ def check_pass_input(x: Tensor, axis: int) -> tuple[int, int, int, int]:
 
 
 def _like_x(t: Tensor, x: Tensor, name: str) -> None:
-    if not isinstance(t, Tensor) or t.shape != x.shape or t.device != x.device or t.layout != torch.strided:
+    if not isinstance(t, Tensor) or t.shape != x.shape or t.layout != torch.strided \
+            or not (t.is_cpu and x.is_cpu or t.device == x.device):
         got = f"shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"{name} must be a strided tensor of x's shape {tuple(x.shape)} on {x.device}, got {got}")
 
@@ -216,18 +216,29 @@ def _backward_apply(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, p: Tenso
 
 # ---- the whole layer (called by the validated operators) ----------------------------------
 
-_CODE_ARRAYS: dict[tuple, tuple] = {}
+class _Plan(NamedTuple):
+    """What the C layer calls need to know about a spec's codes, computed once per spec:
+    on small inputs building these costs more than the kernel itself."""
+
+    kinds: object  # ctypes int array
+    groups: object  # ctypes int64 array
+    k: int
+    need_moments: int  # 0 when every statistic comes from the running averages
 
 
-def _code_arrays(kinds, groups) -> tuple:
-    """The ctypes arrays of a spec's source codes (built once per spec: they cost more than
-    the small-tensor kernel itself)."""
-    key = (tuple(kinds), tuple(groups))
-    arrays = _CODE_ARRAYS.get(key)
-    if arrays is None:
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(kinds, groups, constant_mask: int) -> _Plan:
+    key = (tuple(kinds), tuple(groups), constant_mask)
+    plan = _PLANS.get(key)
+    if plan is None:
         k = len(kinds)
-        arrays = _CODE_ARRAYS[key] = ((ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups))
-    return arrays
+        plan = _Plan((ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups), k,
+                     int(constant_mask != (1 << k) - 1))
+        if len(_PLANS) < 4096:
+            _PLANS[key] = plan
+    return plan
 
 
 def stats_size(n: int, c: int) -> int:
@@ -240,38 +251,46 @@ def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, runn
                   constant_mask, eps, axis, layout=None):
     """One C call: moments, mix, apply (``layout``: x's, when the caller has it)."""
     nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
-    dtype = stat_dtype(x.dtype)
-    k = len(kinds)
-    stats = torch.empty(stats_size(n, c), dtype=dtype)
+    plan = _plan(kinds, groups, constant_mask)
+    stats = torch.empty(stats_size(n, c), dtype=stat_dtype(x.dtype))
     y = torch.empty_like(x)
-    need_moments = int(constant_mask != (1 << k) - 1)
-    if not any(kind == 2 and not (constant_mask >> i) & 1 for i, kind in enumerate(kinds)):
-        stats[4 * n * c + c:].zero_()  # no batch statistics to write: the output stays defined
     _check(_FNS[x.dtype].layer_forward(
-        nlc, x.data_ptr(), y.data_ptr(), n, c, length, k, *_code_arrays(kinds, groups), constant_mask, need_moments,
-        stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
-        _ptr(bias), eps, torch.get_num_threads()), "forward")
+        nlc, x.data_ptr(), y.data_ptr(), n, c, length, plan.k, plan.kinds, plan.groups, constant_mask,
+        plan.need_moments, stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
+        _ptr(running_var), _ptr(weight), _ptr(bias), eps, torch.get_num_threads()), "forward")
     return y, stats
 
 
 def layer_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
                    constant_mask, eps, axis, output_mask, layout=None):
-    """One C call: the two backward sums, the closed-form mix backward, dx."""
+    """One C call: the two backward sums, the closed-form mix backward, dx. Gradients not
+    asked for in ``output_mask`` come back empty."""
+    grads = layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds,
+                                  groups, constant_mask, eps, axis, output_mask, layout)
+    return tuple(x.new_empty(0, dtype=kind) if g is None else g
+                 for g, kind in zip(grads, (x.dtype, stats.dtype, stats.dtype, torch.float64, torch.float64)))
+
+
+def layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                          constant_mask, eps, axis, output_mask, layout=None):
+    """:func:`layer_backward` with None for each gradient not asked for (no allocation)."""
     nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
     dtype = stats.dtype
-    k = len(kinds)
-    dy = matching(dy, x, nlc, axis)
+    plan = _plan(kinds, groups, constant_mask)
+    k = plan.k
+    if not (dy.dtype == x.dtype and axis == 1 and nlc == 0 and dy.is_contiguous()):
+        dy = matching(dy, x, nlc, axis)
     want_dx, want_w, want_b, want_mw, want_vw = output_mask
-    dx = torch.empty_like(x) if want_dx else x.new_empty(0)
-    grads = [torch.empty(size if want else 0, dtype=kind)
-             for size, want, kind in zip((c, c, k, k), (want_w, want_b, want_mw and k > 1, want_vw and k > 1),
-                                         (dtype, dtype, torch.float64, torch.float64))]
+    dx = torch.empty_like(x) if want_dx else None
+    dw = torch.empty(c, dtype=dtype) if want_w else None
+    db = torch.empty(c, dtype=dtype) if want_b else None
+    dmw = torch.empty(k, dtype=torch.float64) if want_mw and k > 1 else None
+    dvw = torch.empty(k, dtype=torch.float64) if want_vw and k > 1 else None
     _check(_FNS[x.dtype].layer_backward(
-        nlc, dy.data_ptr(), x.data_ptr(), dx.data_ptr() if want_dx else None, n, c, length, k,
-        *_code_arrays(kinds, groups), constant_mask, stats.data_ptr(),
-        _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight), eps,
-        *[g.data_ptr() if g.numel() else None for g in grads], torch.get_num_threads()), "backward")
-    return (dx, *grads)
+        nlc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, length, k, plan.kinds, plan.groups, constant_mask,
+        stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
+        eps, _ptr(dw), _ptr(db), _ptr(dmw), _ptr(dvw), torch.get_num_threads()), "backward")
+    return dx, dw, db, dmw, dvw
 
 
 def update_running(running_mean, running_var, stats, n, c, length, track, momentum) -> None:

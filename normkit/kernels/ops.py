@@ -57,7 +57,15 @@ _TRACK = {None: 0, "bn": 1, "in": 2}
 
 # ---- validation ----------------------------------------------------------------------------
 
+_VALID_SPECS: set = set()
+
+
 def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float) -> None:
+    # A pure function of these values, so checked once per spec and channel count (symbolic
+    # sizes under tracing are not hashable: checked every time).
+    key = (c, tuple(kinds), tuple(groups), constant_mask, eps) if type(c) is int else None
+    if key in _VALID_SPECS:
+        return
     k = len(kinds)
     if not 1 <= k <= cpu.MAX_SOURCES or len(groups) != k:
         raise ValueError(f"kinds and groups must have the same length in [1, {cpu.MAX_SOURCES}], got {k} and {len(groups)}")
@@ -70,6 +78,8 @@ def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float) -> Non
         raise ValueError(f"constant_mask {constant_mask} must mark only in/bn sources among {k}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be finite and > 0, got {eps}")
+    if key is not None and len(_VALID_SPECS) < 4096:
+        _VALID_SPECS.add(key)
 
 
 def _validate_small(x: Tensor, c: int, k: int, weight, bias, mean_weights, var_weights, running_mean,
@@ -216,9 +226,14 @@ def _layer_backward_fake(dy, x, stats, weight, mean_weights, var_weights, runnin
 # ---- autograd ------------------------------------------------------------------------------
 
 class _LayerFunction(torch.autograd.Function):
+    """The autograd node of ``normkit::layer_forward``. The operator's non-tensor arguments
+    travel as one tuple ``codes = (kinds, groups, constant_mask, eps, axis)``: each argument of
+    ``apply`` costs autograd a check, and on small inputs that overhead is the bulk of a call."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                constant_mask, eps, axis, direct=False):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, mean_weights, var_weights, running_mean, running_var, codes,
+                direct=False):  # type: ignore[override]
+        kinds, groups, constant_mask, eps, axis = codes
         args = (x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups, constant_mask,
                 eps, axis)
         if direct:
@@ -226,7 +241,7 @@ class _LayerFunction(torch.autograd.Function):
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 y, stats = torch.ops.normkit.layer_forward(*args)
-        ctx.codes = (tuple(kinds), tuple(groups), constant_mask, eps, axis)
+        ctx.codes = codes
         ctx.direct = direct
         ctx.save_for_backward(x, stats, weight, bias, mean_weights, var_weights, running_mean, running_var)
         ctx.mark_non_differentiable(stats)
@@ -238,22 +253,22 @@ class _LayerFunction(torch.autograd.Function):
         kinds, groups, constant_mask, eps, axis = ctx.codes
         need = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
-            spec = spec_from_codes(kinds, groups, constant_mask, eps)
+            spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps)
             grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights,
                                             running_mean, running_var, need)
         else:
-            args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, list(kinds),
-                    list(groups), constant_mask, eps, axis, list(need))
+            args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                    constant_mask, eps, axis, need)
             # A batched dy (torch's batched-gradient checks) needs the dispatcher's vmap fallback.
             if ctx.direct and _is_dense_cpu(dy):
                 # Everything but dy was validated by the forward and saved (autograd's version
                 # counters refuse saved tensors changed in place since).
                 _validate_dy(dy, x)
-                out = cpu.layer_backward(*args)
+                out = cpu.layer_backward_wanted(*args)
             else:
                 out = torch.ops.normkit.layer_backward(*args)
             grads = [g if want else None for g, want in zip(out, need)]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def differentiable_backward(spec: MixSpec, axis: int, dy: Tensor, x: Tensor, weight, bias, mean_weights,
@@ -272,7 +287,7 @@ def differentiable_backward(spec: MixSpec, axis: int, dy: Tensor, x: Tensor, wei
 
 def _layer_forward_autograd(*args):
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args[:5]):
-        return _LayerFunction.apply(*args)
+        return _LayerFunction.apply(*args[:7], args[7:])
     with torch._C._AutoDispatchBelowAutograd():  # nothing to differentiate: skip the autograd node
         return torch.ops.normkit.layer_forward(*args)
 
@@ -284,11 +299,6 @@ _lib.impl("layer_forward", _layer_forward_autograd, "Autograd")
 
 
 # ---- the call a kernel set exposes -----------------------------------------------------------
-
-def _codes(spec: MixSpec) -> tuple[list[int], list[int], int, int]:
-    kinds, groups, mask = spec.codes
-    return list(kinds), list(groups), mask, _TRACK[spec.tracked]
-
 
 def _as_stat(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """A small tensor in the statistics dtype, contiguous (differentiable conversion)."""
@@ -317,39 +327,58 @@ def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weig
     holds the batch statistics when the caller still has to move the running averages (they
     are of another dtype than the statistics; otherwise ``normkit::update_running_`` moved
     them), else None."""
-    kinds, groups, constant_mask, track = _codes(spec)
+    kinds, groups, constant_mask = spec.codes
+    eps = float(spec.eps)
     dtype = stat_dtype(x.dtype)
     weight, bias = _as_stat(weight, dtype), _as_stat(bias, dtype)
-    mean_weights, var_weights = _as_stat(mean_weights, torch.float64), _as_stat(var_weights, torch.float64)
     if len(kinds) == 1:
         mean_weights = var_weights = None
+    else:
+        mean_weights, var_weights = _as_stat(mean_weights, torch.float64), _as_stat(var_weights, torch.float64)
     read_mean = read_var = None
     if constant_mask:
-        read_mean, read_var = (_as_stat(t.detach(), dtype) for t in (running_mean, running_var))
-    args = (x, weight, bias, mean_weights, var_weights, read_mean, read_var, kinds, groups, constant_mask,
-            float(spec.eps), axis)
+        read_mean, read_var = _as_stat(_detached(running_mean), dtype), _as_stat(_detached(running_var), dtype)
     eager = _plain_eager(x)
     if not eager:
-        y, stats = torch.ops.normkit.layer_forward(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        y, stats = _LayerFunction.apply(*args, True)
+        y, stats = torch.ops.normkit.layer_forward(x, weight, bias, mean_weights, var_weights, read_mean, read_var,
+                                                   kinds, groups, constant_mask, eps, axis)
+    elif torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(weight, bias, mean_weights, var_weights)):
+        y, stats = _LayerFunction.apply(x, weight, bias, mean_weights, var_weights, read_mean, read_var,
+                                        (kinds, groups, constant_mask, eps, axis), True)
     else:
-        y, stats = _layer_forward_cpu(*args)
+        y, stats = _layer_forward_cpu(x, weight, bias, mean_weights, var_weights, read_mean, read_var, kinds, groups,
+                                      constant_mask, eps, axis)
+    track = _TRACK[spec.tracked]
     if not track or running_mean is None or running_var is None:
         return y, None
     n, c = x.shape[0], x.shape[axis]
     length = x.numel() // (n * c)
-    stats = stats.detach()
-    if all(t.dtype == dtype and t.is_contiguous() for t in (running_mean, running_var)):
-        update = _update_running_cpu if eager else torch.ops.normkit.update_running_
-        update(running_mean, running_var, stats, n, c, length, track, float(momentum))
+    if running_mean.dtype == dtype and running_var.dtype == dtype and running_mean.is_contiguous() \
+            and running_var.is_contiguous():
+        if eager:
+            _update_running_cpu(running_mean, running_var, stats, n, c, length, track, float(momentum))
+        else:
+            torch.ops.normkit.update_running_(running_mean, running_var, stats.detach(), n, c, length, track,
+                                              float(momentum))
         return y, None
+    stats = stats.detach()
     if track == 1:  # running statistics of another dtype: the caller moves them
         offset = 4 * n * c + c
         mean, var = stats[offset:offset + c].view(1, c), stats[offset + c:offset + 2 * c].view(1, c)
         return y, Moments(stats.new_full((1, c), float(n * length)), mean, var)
     mean, var = stats[: n * c].view(n, c), stats[n * c: 2 * n * c].view(n, c)
     return y, Moments(stats.new_full((n, 1), float(length)), mean, var)
+
+
+def _detached(t: Tensor) -> Tensor:
+    return t.detach() if t.requires_grad else t
+
+
+def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 CPU_KERNELS: KernelSet = cpu.CPU_KERNELS._replace(layer_specs=(MixSpec,), layer=layer_norm_op)

@@ -1,4 +1,6 @@
-"""Shared state and input checks of the normkit layers (like torch's ``_NormBase``)."""
+"""The base classes of the normkit layers: :class:`NormModule` (every layer, the one type
+tools test for) and :class:`NormBase` (the layers with batch and running statistics, like
+torch's ``_NormBase``)."""
 
 from __future__ import annotations
 
@@ -8,37 +10,104 @@ import torch
 from torch import Tensor, nn
 
 from normkit import functional as F
-from normkit._core import MixSpec, check_eps, check_momentum, normalize_axis
+from normkit._core import InputError, MixSpec, UnsupportedDtypeError, check_eps, check_momentum, normalize_axis
 
-__all__ = ["NormBase", "check_input"]
+__all__ = ["NormModule", "NormBase", "check_float_layer_input", "check_input"]
 
 
 def _rank_text(ranks: tuple[int, ...]) -> str:
     return " or ".join(f"{r}-D" for r in ranks)
 
 
+def check_float_layer_input(name: str, x: Tensor) -> None:
+    """A layer's input must be a floating-point tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise UnsupportedDtypeError(
+            f"{name} expects a floating-point input, got dtype {x.dtype}; convert it with x.float()"
+        )
+
+
 def check_input(
     name: str, x: Tensor, num_features: int, axis: int, ranks: tuple[int, ...] = (), layout: str = "(N, C, ...)"
 ) -> int:
     """Validate a layer's input (rank, dtype, channel count) and return the channel axis."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    check_float_layer_input(name, x)
     if (ranks and x.dim() not in ranks) or x.dim() < 2:
         raise ValueError(
             f"{name} expects a {_rank_text(ranks or (2,)) if ranks else 'at least 2-D'} input {layout}, "
             f"got a {x.dim()}-D input of shape {tuple(x.shape)}"
         )
-    if not x.is_floating_point():
-        raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}; convert it with x.float()")
     channel_axis = normalize_axis(axis, x.dim())
     if channel_axis == 0:
         raise ValueError(f"{name}: axis must not be the batch axis 0, got axis={axis}")
     if x.shape[channel_axis] != num_features:
-        raise ValueError(
+        raise InputError(
             f"{name} expects {num_features} channels on axis {axis}, got {x.shape[channel_axis]} "
             f"(input shape {tuple(x.shape)})"
         )
     return channel_axis
+
+
+class NormModule(nn.Module):
+    """Base class of every normkit normalization layer: ``isinstance(m, normkit.NormModule)``
+    finds them all (normkit's BatchNorm, GroupNorm, LayerNorm and InstanceNorm are also
+    instances of their ``torch.nn`` namesakes; SwitchNorm is only a NormModule).
+
+    ``eps`` and ``momentum`` are checked whenever they are assigned, so ``m.eps = -1`` raises
+    at once instead of giving NaN later.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "eps":
+            check_eps(value)
+        elif name == "momentum" and value is not None:
+            check_momentum(value)
+        super().__setattr__(name, value)
+
+    def to_torch(self) -> nn.Module:
+        """The ``torch.nn`` layer that computes what this one does, holding this layer's own
+        parameters and buffers (so its running statistics move this layer's too). What
+        ``torch.jit.script`` compiles in its place and ``convert(model, "torch")`` returns.
+
+        Raises:
+            TypeError: no torch.nn layer computes this one (SwitchNorm; ``axis=-1``,
+                ``frozen``, a process group or ``scale=False`` on the torch namesakes).
+        """
+        raise TypeError(f"{type(self).__name__} has no torch.nn equivalent")
+
+    def _twin(self, *args: Any) -> nn.Module:
+        """The torch.nn namesake built with ``args``, holding this layer's own parameters and
+        buffers; refused where that layer would compute something else."""
+        torch_cls = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn."))
+        options = (
+            (f"axis={getattr(self, 'axis', 1)}", getattr(self, "axis", 1) != 1),
+            ("frozen=True", getattr(self, "frozen", False)),
+            ("a process_group", getattr(self, "process_group", None) is not None),
+            ("scale=False", self.bias is not None and self.weight is None),
+        )
+        blockers = [text for text, present in options if present]
+        if blockers:
+            raise TypeError(
+                f"{type(self).__name__} with {', '.join(blockers)} has no torch.nn equivalent: "
+                f"torch.nn.{torch_cls.__name__} has no such option"
+            )
+        twin = torch_cls(*args, bias=not (self.weight is not None and self.bias is None), device="meta")
+        twin._parameters = dict(self._parameters)
+        twin._buffers = dict(self._buffers)
+        twin._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        return twin.train(self.training)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling it
+        try:
+            return self.to_torch()
+        except TypeError as error:
+            raise TypeError(
+                f"{error}, and TorchScript cannot compile normkit's operators: torch.jit.script compiles a "
+                "normkit layer as its torch.nn equivalent; use torch.compile or torch.export instead"
+            ) from None
 
 
 _SPECS: dict[tuple, MixSpec] = {}
@@ -53,11 +122,13 @@ def _spec(sources: tuple[str, ...], eps: float, batch_stats: bool, running: str)
     return spec
 
 
-class NormBase(nn.Module):
-    """Affine parameters, running statistics and the checks every normkit layer shares.
+class NormBase(NormModule):
+    """Affine parameters, running statistics and the checks every batch-statistics layer shares.
 
     Subclasses set ``_ranks`` (accepted input ranks) and ``_layout`` (shape text for errors),
-    and implement ``forward``. State-dict keys are those of ``torch.nn.BatchNorm*d``.
+    and implement ``forward``. The arguments and state-dict keys are those of
+    ``torch.nn.BatchNorm*d``; ``center`` / ``scale`` (Keras' names) drop ``beta`` / ``gamma``
+    separately, ``center=False`` being torch's ``bias=False``.
     """
 
     _version = 2  # 2: num_batches_tracked present (same meaning as torch's _NormBase)
@@ -72,27 +143,25 @@ class NormBase(nn.Module):
         momentum: Optional[float] = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
         *,
+        bias: bool = True,
         center: bool = True,
         scale: bool = True,
         axis: int = 1,
         frozen: bool = False,
         process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): torch's _NormBase, when a base, is set up here
         factory = {"device": device, "dtype": dtype}
-        if not isinstance(num_features, int) or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        check_eps(eps)
-        if momentum is not None:
-            check_momentum(momentum)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
-        self.center = center
+        self.center = bool(center and bias)
         self.scale = scale
         self.track_running_stats = track_running_stats
         self.axis = axis
@@ -102,7 +171,7 @@ class NormBase(nn.Module):
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("weight", None)
-        if affine and center:
+        if affine and self.center:
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("bias", None)
@@ -169,17 +238,15 @@ class NormBase(nn.Module):
         mean_weights: Optional[Tensor] = None,
         var_weights: Optional[Tensor] = None,
     ) -> Tensor:
-        """The forward every batch-statistics layer shares: check, pick statistics, normalize."""
+        """The forward every batch-statistics layer shares: check, pick statistics, normalize.
+        (``eps`` and ``momentum`` were checked when assigned.)"""
         axis = self._check_input(x)
-        check_eps(self.eps)  # attributes may have been reassigned since construction
-        if self.momentum is not None:
-            check_momentum(self.momentum)
         use_batch, factor = self._batch_stats_and_factor()
         group = self._sync_group() if "bn" in sources else None
         if self._needs_two_values and use_batch and mask is None and group is None and x.numel() // x.shape[axis] == 1:
             raise ValueError(
-                f"{type(self).__name__} needs more than 1 value per channel when training, "
-                f"got input of shape {tuple(x.shape)}; use a batch of 2 or more, eval(), or frozen=True"
+                f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
+                f"({type(self).__name__}); use a batch of 2 or more, eval(), or frozen=True"
             )
         return F.run(
             x,
@@ -197,9 +264,11 @@ class NormBase(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        # torch's fields in torch's order, then normkit's extras where they are not the default
         text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
-        if self.affine and not (self.center and self.scale):
-            text += f", center={self.center}, scale={self.scale}"
+        text += f", bias={self.bias is not None}"
+        if self.affine and self.weight is None:
+            text += ", scale=False"
         text += f", track_running_stats={self.track_running_stats}"
         if self.axis != 1:
             text += f", axis={self.axis}"
@@ -221,6 +290,6 @@ class NormBase(nn.Module):
                 if self.num_batches_tracked.device != torch.device("meta")
                 else torch.tensor(0, dtype=torch.long)
             )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        nn.Module._load_from_state_dict(  # torch's _NormBase version (a base here) does the same
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

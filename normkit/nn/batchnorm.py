@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from normkit.nn._base import NormBase
 
@@ -25,7 +25,10 @@ class _BatchNorm(NormBase):
     Mean and (biased) variance are taken over every axis but the channel axis. In training
     the running averages move by ``momentum`` towards the batch statistics (unbiased
     variance); in eval they replace them. Same defaults, state-dict keys, outputs, gradients
-    and running statistics as ``torch.nn.BatchNorm*d``.
+    and running statistics as ``torch.nn.BatchNorm*d``, of which each class is a subclass
+    (``isinstance(normkit.BatchNorm2d(8), torch.nn.BatchNorm2d)`` holds, so torch's own tools
+    find it: ``SyncBatchNorm.convert_sync_batchnorm``, ``torch.nn.utils.fusion``,
+    ``torch.optim.swa_utils.update_bn``; see the README's table for what they drop).
 
     Args:
         num_features: number of channels ``C``.
@@ -36,7 +39,9 @@ class _BatchNorm(NormBase):
         affine: learnable ``gamma`` and ``beta``. Default: True.
         track_running_stats: keep running averages (else batch statistics in eval too).
             Default: True.
-        center: learnable ``beta`` (with ``affine``). Default: True.
+        device, dtype: of the parameters and buffers (positional too, as in torch).
+        bias: learnable ``beta`` (with ``affine``), torch's name. Default: True.
+        center: learnable ``beta`` (with ``affine``), Keras' name for ``bias``. Default: True.
         scale: learnable ``gamma`` (with ``affine``). Default: True.
         axis: the channel axis; ``-1`` for channels-last ``(N, ..., C)``. Default: 1.
         frozen: use and keep the running averages even in ``train()`` (fine-tuning);
@@ -65,20 +70,23 @@ class _BatchNorm(NormBase):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return self._run(x, mask, ("bn",))
 
+    def to_torch(self) -> nn.Module:
+        return self._twin(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats)
 
-class BatchNorm1d(_BatchNorm):
+
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     __doc__ = _BatchNorm.__doc__.replace("see the subclass", "``(N, C)`` or ``(N, C, L)``")
     _ranks = (2, 3)
     _layout = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     __doc__ = _BatchNorm.__doc__.replace("see the subclass", "``(N, C, H, W)``")
     _ranks = (4,)
     _layout = "(N, C, H, W)"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     __doc__ = _BatchNorm.__doc__.replace("see the subclass", "``(N, C, D, H, W)``")
     _ranks = (5,)
     _layout = "(N, C, D, H, W)"

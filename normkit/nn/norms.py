@@ -7,25 +7,24 @@ moments routine as :class:`normkit.SwitchNorm2d`, and add ``axis`` and ``mask``.
 
 from __future__ import annotations
 
-import numbers
+import warnings
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from normkit import functional as F
-from normkit._core import check_eps
-from normkit.nn._base import NormBase, check_input
+from normkit._core import normalize_axis
+from normkit.nn._base import NormBase, NormModule, check_float_layer_input, check_input
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(NormModule, nn.GroupNorm):
     r"""Applies Group Normalization: statistics per (sample, group of channels).
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
 
-    Same arguments, state-dict keys and results as ``torch.nn.GroupNorm``.
+    A subclass of ``torch.nn.GroupNorm`` with its arguments, state-dict keys and results.
     ``GroupNorm(C, C)`` is Instance Norm, ``GroupNorm(1, C)`` is the SN paper's Layer Norm
     (over channels and positions, per-channel affine).
 
@@ -34,6 +33,8 @@ class GroupNorm(nn.Module):
         num_channels: number of channels ``C``.
         eps: added to the variance. Default: 1e-5.
         affine: per-channel learnable ``gamma`` and ``beta``. Default: True.
+        device, dtype: of the parameters.
+        bias: learnable ``beta`` (with ``affine``). Default: True.
         axis: the channel axis (``-1`` for channels-last). Default: 1.
 
     Shape:
@@ -48,52 +49,45 @@ class GroupNorm(nn.Module):
     """
 
     def __init__(
-        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
-        axis: int = 1, device: Any = None, dtype: Any = None,
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device: Any = None,
+        dtype: Any = None, *, bias: bool = True, axis: int = 1,
     ) -> None:
-        super().__init__()
-        if num_groups < 1 or num_channels % num_groups:
-            raise ValueError(f"num_groups must divide num_channels={num_channels}, got num_groups={num_groups}")
-        check_eps(eps)
-        self.num_groups, self.num_channels, self.eps, self.affine, self.axis = num_groups, num_channels, eps, affine, axis
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        nn.GroupNorm.__init__(self, num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        self.axis = axis
 
     @property
     def num_features(self) -> int:
         return self.num_channels
 
-    def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         axis = check_input(type(self).__name__, x, self.num_channels, self.axis)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, channel_axis=axis, mask=mask)
 
+    def to_torch(self) -> nn.Module:
+        return self._twin(self.num_groups, self.num_channels, self.eps, self.affine)
+
     def extra_repr(self) -> str:
-        text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
-        return text + (f", axis={self.axis}" if self.axis != 1 else "")
+        return super().extra_repr() + (f", axis={self.axis}" if self.axis != 1 else "")
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(NormModule, nn.LayerNorm):
     r"""Applies Layer Normalization over the trailing ``normalized_shape`` dims.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
 
-    Same arguments, state-dict keys and results as ``torch.nn.LayerNorm``. For a layer norm
-    over the channels of an ``(N, C, H, W)`` map (the SN paper's LN), use ``GroupNorm(1, C)``.
+    A subclass of ``torch.nn.LayerNorm`` with its arguments, state-dict keys and results.
+    For a layer norm over the channels of an ``(N, C, H, W)`` map (the SN paper's LN), use
+    ``GroupNorm(1, C)``.
 
     Args:
         normalized_shape: the trailing shape to normalise over.
         eps: added to the variance. Default: 1e-5.
         elementwise_affine: learnable ``gamma`` (and ``beta``) of ``normalized_shape``. Default: True.
         bias: learnable ``beta`` too. Default: True.
+        device, dtype: of the parameters.
 
     Shape:
         - Input: ``(*, *normalized_shape)``; optional ``mask`` with the shape of the
@@ -112,29 +106,14 @@ class LayerNorm(nn.Module):
         self, normalized_shape: int | Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True,
         bias: bool = True, device: Any = None, dtype: Any = None,
     ) -> None:
-        super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(normalized_shape)
-        check_eps(eps)
-        self.eps, self.elementwise_affine = eps, elementwise_affine
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory)) if elementwise_affine else None
-        self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if elementwise_affine and bias else None
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        nn.LayerNorm.__init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        if not x.is_floating_point():
-            raise ValueError(f"LayerNorm expects a floating-point input, got dtype {x.dtype}; convert it with x.float()")
+        check_float_layer_input(type(self).__name__, x)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask)
 
-    def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+    def to_torch(self) -> nn.Module:
+        return self._twin(self.normalized_shape, self.eps, self.elementwise_affine)
 
 
 class _InstanceNorm(NormBase):
@@ -142,13 +121,15 @@ class _InstanceNorm(NormBase):
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
 
-    Same defaults (``affine=False``, ``track_running_stats=False``), state-dict keys and
-    results as ``torch.nn.InstanceNorm*d``; with ``track_running_stats`` the running
-    averages are the mean over samples of the per-sample estimates, as in torch.
+    A subclass of ``torch.nn.InstanceNorm*d`` with its defaults (``affine=False``,
+    ``track_running_stats=False``), state-dict keys, results and running-statistics rules:
+    with ``track_running_stats`` the running averages are the mean over samples of the
+    per-sample estimates, ``momentum=None`` keeps them fixed, and ``num_batches_tracked``
+    stays 0. Unbatched inputs (no ``N``) are accepted as in torch.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, center, scale, axis,
-        frozen: as in :class:`normkit.BatchNorm2d`.
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, center,
+        scale, axis, frozen: as in :class:`normkit.BatchNorm2d`.
 
     Shape:
         - Input: see the subclass; optional ``mask`` as in :class:`normkit.BatchNorm2d`.
@@ -163,27 +144,57 @@ class _InstanceNorm(NormBase):
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = False,
-        track_running_stats: bool = False, **kwargs: Any,
+        track_running_stats: bool = False, device: Any = None, dtype: Any = None, *, bias: bool = True,
+        center: bool = True, scale: bool = True, axis: int = 1, frozen: bool = False,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         center=center, scale=scale, axis=axis, frozen=frozen)
+
+    def _batch_stats_and_factor(self) -> tuple[bool, float]:
+        # torch's instance norm: no batch count, and momentum=None means "leave them as they are"
+        use_batch = (self.training and not self.frozen) or self.running_mean is None
+        return use_batch, 0.0 if self.momentum is None else self.momentum
+
+    def _check_input(self, x: Tensor) -> int:
+        axis = normalize_axis(self.axis, x.dim()) if x.dim() >= 2 else self.axis
+        if x.dim() in self._ranks and x.dim() >= 2 and axis > 0 and x.shape[axis] != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={axis} to match num_features ({self.num_features}), "
+                    f"but got: {x.shape[axis]}."
+                )
+            if self.running_mean is None:  # torch warns and normalises: num_features is not used
+                warnings.warn(
+                    f"input's size at dim={axis} does not match num_features. You can silence this warning by "
+                    "not passing in num_features, which is not used because affine=False",
+                    stacklevel=3,
+                )
+                return check_input(type(self).__name__, x, x.shape[axis], self.axis, self._ranks, self._layout)
+        return super()._check_input(x)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == self._ranks[0] - 1:  # unbatched, as torch accepts
+            y = self._run(x.unsqueeze(0), None if mask is None else mask.unsqueeze(0), ("in",), running="in")
+            return y.squeeze(0)
         return self._run(x, mask, ("in",), running="in")
 
+    def to_torch(self) -> nn.Module:
+        return self._twin(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats)
 
-class InstanceNorm1d(_InstanceNorm):
-    __doc__ = _InstanceNorm.__doc__.replace("see the subclass", "``(N, C, L)``")
+
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
+    __doc__ = _InstanceNorm.__doc__.replace("see the subclass", "``(N, C, L)`` or ``(C, L)``")
     _ranks = (3,)
     _layout = "(N, C, L)"
 
 
-class InstanceNorm2d(_InstanceNorm):
-    __doc__ = _InstanceNorm.__doc__.replace("see the subclass", "``(N, C, H, W)``")
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
+    __doc__ = _InstanceNorm.__doc__.replace("see the subclass", "``(N, C, H, W)`` or ``(C, H, W)``")
     _ranks = (4,)
     _layout = "(N, C, H, W)"
 
 
-class InstanceNorm3d(_InstanceNorm):
-    __doc__ = _InstanceNorm.__doc__.replace("see the subclass", "``(N, C, D, H, W)``")
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
+    __doc__ = _InstanceNorm.__doc__.replace("see the subclass", "``(N, C, D, H, W)`` or ``(C, D, H, W)``")
     _ranks = (5,)
     _layout = "(N, C, D, H, W)"

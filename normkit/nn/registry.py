@@ -16,8 +16,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
+from normkit.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from normkit.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normkit.nn.norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
+from normkit.nn.sparse_switchnorm import SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d
 from normkit.nn.switchnorm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
 
 __all__ = [
@@ -107,6 +109,8 @@ class NormKind:
 
 
 def _divisor_at_most(num_channels: int, limit: int) -> int:
+    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+        raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
     return max(g for g in range(1, min(limit, num_channels) + 1) if num_channels % g == 0)
 
 
@@ -149,6 +153,14 @@ KINDS: tuple[NormKind, ...] = (
         running="in", source="in", defaults={"affine": True},  # affine by default (unlike torch), as SN's IN source
     ),
     NormKind("none", ("none", "identity"), (nn.Identity,), convertible=False),  # Identity takes and ignores any args
+    NormKind(
+        "sparse_switch", ("ssn", "sparse_switch", "sparseswitchnorm"),
+        (SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d), running="bn", switchable=True,
+    ),
+    NormKind(  # in eval a batch norm with its running statistics: it fuses like one
+        "batch_renorm", ("brn", "batch_renorm", "batchrenorm", "renorm"),
+        (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), running="bn", foldable=True,
+    ),
 )
 
 #: Names accepted by :func:`normkit.create_norm` (aliases of the same kind are listed together).

@@ -55,7 +55,13 @@ class _SwitchNorm(NormBase):
         affine: learnable ``gamma``, ``beta``. Default: True.
         last_gamma: initialise ``gamma`` to 0 (last norm of a residual branch). Default: False.
         track_running_stats: keep running averages for the BN source. Default: True.
-        center, scale, axis, frozen, process_group: as in :class:`normkit.BatchNorm2d`.
+        device, dtype, bias, center, scale, axis, frozen, process_group: as in
+            :class:`normkit.BatchNorm2d`.
+
+    SwitchNorm is deliberately not a subclass of ``torch.nn.BatchNorm*d``: tools that find
+    batch norms by type (``SyncBatchNorm.convert_sync_batchnorm``, Conv-BN fusers,
+    ``swa_utils.update_bn``) would treat it as a plain BN and silently drop its IN and LN
+    statistics. Test for :class:`normkit.NormModule` to find every normkit layer.
 
     Attributes:
         mean_logits, var_logits: ``(K,)`` parameters, one entry per source, equal at start.
@@ -84,21 +90,22 @@ class _SwitchNorm(NormBase):
         affine: bool = True,
         last_gamma: bool = False,
         track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
         *,
+        bias: bool = True,
         center: bool = True,
         scale: bool = True,
         axis: int = 1,
         frozen: bool = False,
         process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
     ) -> None:
+        # set first: the base's constructor asks whether 'bn' is a source and resets gamma
         self.sources = self._parsed = parse_sources(sources, num_features)
         self.last_gamma = last_gamma
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats,
-            center=center, scale=scale, axis=axis, frozen=frozen, process_group=process_group,
-            device=device, dtype=dtype,
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, center=center, scale=scale, axis=axis, frozen=frozen, process_group=process_group,
         )
         k = len(self.sources)
         self.mean_logits = nn.Parameter(torch.zeros(k, device=device, dtype=dtype))
@@ -132,8 +139,12 @@ class _SwitchNorm(NormBase):
         if len(self.sources) > 1:  # SN's policy: importance weights are the softmax of the logits
             for logits, name in ((self.mean_logits, "mean_logits"), (self.var_logits, "var_logits")):
                 check_weights(logits, name, self.sources, x.device)
-            weights = softmax_weights(self.mean_logits, self.var_logits)
+            weights = self._importance_weights()
         return self._run(x, mask, self.sources, mean_weights=weights[0], var_weights=weights[1])
+
+    def _importance_weights(self) -> tuple[Tensor, Tensor]:
+        """SN's policy: float64 softmaxes of the logits (a subclass with another policy overrides it)."""
+        return softmax_weights(self.mean_logits, self.var_logits)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -10,19 +10,23 @@ Efficient Integer-Arithmetic-Only Inference", CVPR 2018, Sec. 3.2).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Union
 
 import torch
+import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
 from normkit.nn.registry import dim_of, kind_for_source, kind_of
 from normkit.tools.convert import _taken_by
 
-__all__ = ["harden", "fuse", "fuse_conv_bn"]
+__all__ = ["FuseReport", "harden", "fuse", "fuse_conv_bn"]
 
 
 def _chosen_source(sn: nn.Module, threshold: float) -> Optional[str]:
+    if getattr(sn, "hardens_when_one_hot", False):
+        threshold = 1.0  # its weights end exactly one-hot: harden only then, changing nothing
     mean_w, var_w = sn.mean_weights.detach(), sn.var_weights.detach()
     k = int(mean_w.argmax())
     if float(mean_w[k]) >= threshold and float(var_w[k]) >= threshold:
@@ -96,7 +100,9 @@ def harden(model: nn.Module, threshold: float = 0.99) -> nn.Module:
 
     carrying ``weight`` / ``bias``, device, dtype and training flag. With weights of exactly
     one the output is unchanged; with ``w_k >= threshold`` it moves by the ``1 - w_k`` share
-    of the other sources. Other layers are left alone (see :func:`normkit.importance_report`).
+    of the other sources. A Sparse SN layer (:class:`normkit.SparseSwitchNorm2d`) is replaced
+    only once its weights are exactly one-hot, whatever ``threshold``, so hardening it never
+    changes its output. Other layers are left alone (see :func:`normkit.importance_report`).
 
     Args:
         model: the network (returned; a SwitchNorm passed directly is replaced and returned).
@@ -204,29 +210,125 @@ def fuse_conv_bn(linear: nn.Module, bn: nn.Module) -> nn.Module:
     return linear
 
 
-def fuse(model: nn.Module, pairs: Optional[Iterable[tuple[str, str]]] = None) -> nn.Module:
+@dataclass
+class FuseReport:
+    """What :func:`fuse` folded (``(linear_path, bn_path)``) and every batch norm it left,
+    with the reason."""
+
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)  # (bn_path, why it was not folded)
+    traced: bool = True  # found the pairs by tracing (else only inside nn.Sequential)
+
+    def __str__(self) -> str:
+        lines = [f"fuse: {len(self.folded)} folded, {len(self.left)} left"
+                 + ("" if self.traced else " (not traceable: Sequential pairs only)")]
+        lines += [f"  folded {bn} into {linear}" for linear, bn in self.folded]
+        lines += [f"  left {bn}: {why}" for bn, why in self.left]
+        return "\n".join(lines)
+
+
+class _NormLeafTracer(torch.fx.Tracer):
+    """Traces a model down to its layers: norms (normkit's have Python checks inside) and
+    torch.nn modules stay single calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return kind_of(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def _why_not(bn: nn.Module, source: Optional[nn.Module], users: int, calls: dict, node_target: str,
+             input_target: Optional[str]) -> Optional[str]:
+    """Why the batch norm called at ``node_target`` cannot fold into the module before it."""
+    if bn.training and not getattr(bn, "frozen", False):
+        return "in training mode (it normalises with batch statistics): call model.eval() first"
+    if bn.running_mean is None:
+        return "no running statistics (track_running_stats=False)"
+    if source is None or not isinstance(source, (*_CONVS, nn.Linear)):
+        return "its input is not the output of a Conv1d/2d/3d or Linear"
+    if users > 1:
+        return f"the output of {input_target} is used elsewhere too"
+    if calls[node_target] > 1 or calls[input_target] > 1:
+        return "the batch norm or its Conv/Linear is called more than once"
+    if not _foldable(source, bn):
+        return f"not an affine map on the output channels of {input_target} (axis, channels or transposed conv)"
+    return None
+
+
+def _traced_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(foldable (linear, bn) pairs, (bn, reason) left) found on the model's torch.fx graph."""
+    graph = _NormLeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs, left = [], []
+    for node in graph.nodes:
+        if node.op != "call_module" or not _is_batch_norm(modules[node.target]):
+            continue
+        first = node.args[0] if node.args else None
+        is_module = isinstance(first, torch.fx.Node) and first.op == "call_module"
+        source = modules[first.target] if is_module else None
+        users = len(first.users) if isinstance(first, torch.fx.Node) else 0
+        why = _why_not(modules[node.target], source, users, calls, node.target, first.target if is_module else None)
+        if why is None:
+            pairs.append((first.target, node.target))
+        else:
+            left.append((node.target, why))
+    called = {target for target in calls}
+    left += [(path, "not called in forward") for path, m in modules.items() if _is_batch_norm(m) and path not in called]
+    return pairs, left
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    kind = kind_of(module)
+    return kind is not None and kind.foldable
+
+
+def _sequential_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Foldable consecutive (linear, bn) children of every nn.Sequential, and the rest."""
+    pairs, left = [], []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            linear, bn = module._modules[first], module._modules[second]
+            if _is_batch_norm(bn):
+                prefix = f"{path}." if path else ""
+                if _foldable(linear, bn) and (not bn.training or getattr(bn, "frozen", False)):
+                    pairs.append((prefix + first, prefix + second))
+    folded = {bn for _, bn in pairs}
+    left = [(p, "not directly after a Conv/Linear in an nn.Sequential (the model is not traceable)")
+            for p, m in model.named_modules() if _is_batch_norm(m) and p not in folded]
+    return pairs, left
+
+
+def fuse(model: nn.Module, pairs: Optional[Iterable[tuple[str, str]]] = None, *,
+         report: bool = False) -> Union[nn.Module, tuple[nn.Module, FuseReport]]:
     """Fold every eval-mode batch norm that directly follows a Conv / Linear, in place.
 
-    Scope: consecutive children of every ``nn.Sequential`` in the tree (a Conv1d/2d/3d or
-    Linear immediately followed by a ``torch.nn`` or normkit batch norm with running
-    statistics, including SN layers :func:`harden` turned into BN); each folded batch norm
-    becomes ``nn.Identity()``. For blocks that call their layers in ``forward`` (e.g. a
-    ResNet block's ``conv1`` / ``bn1``), name the pairs: ``pairs=[("layer1.0.conv1",
-    "layer1.0.bn1"), ...]``. Batch norms in training mode are skipped inside Sequentials
-    (fusing them would change the outputs) and rejected in ``pairs``. Transposed
-    convolutions are not folded. Outputs are unchanged up to rounding (folding is done in
-    float32 at least).
+    The pairs are found by tracing ``model`` with ``torch.fx`` (norm layers are single calls):
+    a batch norm (``torch.nn`` or normkit, including SN layers :func:`harden` turned into BN)
+    with running statistics, in eval mode (or ``frozen``), whose input is the output of a
+    Conv1d/2d/3d or Linear used nowhere else, each called once. So a ResNet block's
+    ``conv1`` / ``bn1`` fold wherever its ``forward`` calls them. Each folded batch norm
+    becomes ``nn.Identity()``; the model keeps its class. A model ``torch.fx`` cannot trace
+    (data-dependent control flow) falls back to consecutive children of every
+    ``nn.Sequential``, and the report says so. Outputs are unchanged up to rounding
+    (folding is done in float32 at least). Transposed convolutions are not folded.
 
     Args:
         model: the network, in eval mode.
-        pairs: optional ``(linear_path, bn_path)`` module paths to fold as well.
+        pairs: more ``(linear_path, bn_path)`` module paths to fold (checked as
+            :func:`fuse_conv_bn` does).
+        report: also return a :class:`FuseReport`: what was folded, and every batch norm
+            left with the reason. Default: False.
 
     Returns:
-        ``model``.
+        ``model``, with the report when ``report=True``.
 
     Raises:
-        ValueError: a pair that cannot be folded (see :func:`fuse_conv_bn`) or a path that
-            does not exist.
+        ValueError: a pair of ``pairs`` that cannot be folded or a path that does not exist.
 
     Examples::
 
@@ -235,20 +337,23 @@ def fuse(model: nn.Module, pairs: Optional[Iterable[tuple[str, str]]] = None) ->
         >>> normkit.fuse(net)[1]
         Identity()
     """
-    for module in model.modules():
-        if isinstance(module, nn.Sequential):
-            names = list(module._modules)
-            for first, second in zip(names, names[1:]):
-                linear, bn = module._modules[first], module._modules[second]
-                if _foldable(linear, bn) and (not bn.training or getattr(bn, "frozen", False)):
-                    fuse_conv_bn(linear, bn)
-                    module._modules[second] = nn.Identity()
-    for linear_path, bn_path in pairs or ():
+    result = FuseReport()
+    try:
+        found, left = _traced_pairs(model)
+    except Exception as error:  # torch.fx cannot trace every model; say so and do what is sure
+        result.traced = False
+        found, left = _sequential_pairs(model)
+        left = [(p, f"{why}; trace error: {type(error).__name__}: {error}") for p, why in left]
+    asked = [pair for pair in pairs or () if tuple(pair) not in found]
+    for linear_path, bn_path in found + asked:
         linear, bn = _get(model, linear_path), _get(model, bn_path)
         fuse_conv_bn(linear, bn)
         parent, _, name = bn_path.rpartition(".")
         setattr(_get(model, parent) if parent else model, name, nn.Identity())
-    return model
+        result.folded.append((linear_path, bn_path))
+    done = {bn for _, bn in result.folded}
+    result.left = [(p, why) for p, why in left if p not in done]
+    return (model, result) if report else model
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:

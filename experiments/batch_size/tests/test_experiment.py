@@ -1,4 +1,4 @@
-"""The experiment command (issue 5): IDX reading, data fallback, CLI errors, train / sweep
+"""The study's command line and runs: IDX reading, data fallback, CLI errors, train / sweep
 smoke runs on tiny data written here, resume, reproducibility, a 2-process gloo run.
 
 Run from the repository root: ``python -m pytest -q experiments``."""
@@ -6,6 +6,7 @@ Run from the repository root: ``python -m pytest -q experiments``."""
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import math
 import os
@@ -21,7 +22,9 @@ import torch
 from experiments.batch_size import data as data_mod
 from experiments.batch_size.cli import main
 from experiments.batch_size.data import DataError, load_dataset, read_idx
-from experiments.batch_size.sweep import results_markdown, sweep
+from experiments.batch_size.report import results_markdown
+from experiments.batch_size.stats import interval, paired_interval, t_quantile
+from experiments.batch_size.sweep import Grid, sweep
 from experiments.batch_size.train import ConfigError, TrainConfig, _lr_at, scaled_lr, train
 
 # experiments/batch_size/tests/ -> the repository root, from where `-m experiments.batch_size` runs.
@@ -132,10 +135,12 @@ def test_missing_dirs(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["train", "--norm", "xyz", "--batch-size", "2"], "unknown norm 'xyz'; valid names are bn/batch"),
+        (["train", "--norm", "xyz", "--batch-size", "2"], "unknown normalization name 'xyz'; valid names are bn/batch"),
         (["train", "--norm", "sn", "--batch-size", "0"], "--batch-size: expected a positive integer, got '0'"),
         (["sweep", "--batch-sizes", "2,-4"], "expected a positive integer, got '-4'"),
-        (["sweep", "--norms", "bn,bogus"], "unknown norm 'bogus'"),
+        (["sweep", "--norms", "bn,bogus"], "unknown normalization name 'bogus'"),
+        (["sweep", "--seeds", "0,-1"], "expected a non-negative integer seed, got '-1'"),
+        (["sweep", "--momenta", "0.01,2"], "expected a momentum in (0, 1]"),
     ],
 )
 def test_bad_arguments_one_line(argv, match, capsys):
@@ -191,6 +196,14 @@ def test_lr_schedule_warmup_then_cosine():
 # ---------------------------------------------------------------------------------- train / sweep
 
 
+def test_sn_at_batch_1_runs_without_its_bn_source(tmp_path):
+    d = fake_fashion(tmp_path / "fm", n_train=24)
+    result = train(TrainConfig(norm="sn", batch_size=1, width=4, data_dir=d, limit_test=10), progress=False, log=lambda _m: None)
+    assert result["layer_options"] == {"sources": ["in", "ln"]} and result["steps"] == 24
+    assert set(result["importance"][0]) == {"layer", "mean_in", "mean_ln", "var_in", "var_ln"}
+    assert result["recompute"] == "no running statistics: nothing to recompute"
+
+
 def test_train_writes_result_and_is_reproducible(tmp_path):
     d = fake_fashion(tmp_path / "fm")
     cfg = TrainConfig(norm="sn", batch_size=8, epochs=2, width=4, data_dir=d, seed=3, recompute_samples=64, threads=1)
@@ -209,54 +222,104 @@ def test_train_writes_result_and_is_reproducible(tmp_path):
     assert "recompute_stats: 1 batches (64 samples), 10 layers updated" == stored["recompute"]
 
 
-def test_sweep_smoke_and_resume(tmp_path, monkeypatch):
+def test_sweep_smoke_resume_and_parallel(tmp_path, monkeypatch):
     d = fake_fashion(tmp_path / "fm")
-    base = TrainConfig(epochs=1, width=4, data_dir=d, recompute_samples=32, limit_test=20, threads=1)
+    base = TrainConfig(epochs=1, width=4, data_dir=d, recompute_samples=32, limit_test=20)
+    grid = Grid(["bn", "sn"], [4, 8], seeds=[0, 1], momenta=[0.01], momentum_norms=["bn"], momentum_batch=8)
     out = str(tmp_path / "sweep")
-    runs = sweep(base, ["bn", "sn"], [4, 8], out, progress=False, log=lambda _m: None)
-    assert [(r["config"]["norm"], r["config"]["batch_size"]) for r in runs] == [("bn", 4), ("bn", 8), ("sn", 4), ("sn", 8)]
-    assert all(r["train_samples"] == 96 and r["test_samples"] == 20 for r in runs)
+    runs = sweep(base, grid, out, progress=False, log=lambda _m: None)
+    keys = [(r["config"]["norm"], r["config"]["batch_size"], r["config"]["seed"], r["config"]["norm_momentum"]) for r in runs]
+    assert keys == [
+        ("bn", 4, 0, None), ("bn", 4, 1, None), ("bn", 8, 0, None), ("bn", 8, 1, None),
+        ("sn", 4, 0, None), ("sn", 4, 1, None), ("sn", 8, 0, None), ("sn", 8, 1, None),
+        ("bn", 8, 0, 0.01), ("bn", 8, 1, 0.01),
+    ]
+    assert all(r["train_samples"] == 96 and r["test_samples"] == 20 and r["samples_per_second"] > 0 for r in runs)
+    assert runs[6]["layer_options"] == {} and "mean_bn" in runs[6]["importance"][0]
+    assert runs[8]["layer_options"] == {"momentum": 0.01}
     for name in ("results.json", "results.md", "accuracy_vs_batch.png", "importance_vs_batch.png"):
         assert os.path.getsize(os.path.join(out, name)) > 100
     md = (tmp_path / "sweep" / "results.md").read_text()
-    assert "| SN-BN |" in md and "| SN-GN |" not in md
-    # Resume: nothing is retrained; a changed setting retrains only the affected runs.
+    assert "| SN - BN |" in md and "| SN - GN |" not in md and "## Moving vs batch averages" in md
+    assert "| BN | 8 | 0.01 |" in md
+    # Resume: nothing is retrained.
     import experiments.batch_size.sweep as sweep_mod
 
     calls = []
     monkeypatch.setattr(sweep_mod, "train", lambda cfg, *a, **k: calls.append(cfg) or pytest.fail("retrained"))
-    again = sweep(base, ["bn", "sn"], [4, 8], out, progress=False, log=lambda _m: None)
+    again = sweep(base, grid, out, progress=False, log=lambda _m: None)
     assert again == runs and calls == []
+    monkeypatch.undo()
+    # Two processes give the numbers of one (each run is single-threaded and seeded).
+    two = sweep(base, Grid(["sn"], [8], seeds=[0, 1]), str(tmp_path / "two"), jobs=2, progress=False, log=lambda _m: None)
+    for mine, theirs in zip(two, runs[6:8]):
+        for key in ("test_accuracy", "test_accuracy_recomputed", "history", "importance"):
+            assert mine[key] == theirs[key]
 
 
-def _fake_run(norm, batch, acc, acc_recomputed, importance=None):
+def _fake_run(norm, batch, seed, acc, acc_recomputed, importance=None, momentum=None):
     return {
-        "config": TrainConfig(norm=norm, batch_size=batch).to_dict(), "dataset": "fashion-mnist", "train_samples": 100,
-        "test_samples": 50, "world_size": 1, "lr_rule": "rule", "machine": "m", "wall_seconds": 1.0,
+        "config": TrainConfig(norm=norm, batch_size=batch, seed=seed, norm_momentum=momentum).to_dict(),
+        "dataset": "fashion-mnist", "train_samples": 100, "test_samples": 50, "world_size": 1, "lr_rule": "rule",
+        "machine": "m", "wall_seconds": 1.0, "train_cpu_seconds": 1.0, "samples_per_second": 100.0 * batch, "steps": 100,
         "test_accuracy": acc, "test_accuracy_recomputed": acc_recomputed, **({"importance": importance} if importance else {}),
     }
 
 
-def test_results_markdown_table_and_differences():
-    weights = [
-        {"layer": "a", "mean_in": 0.2, "mean_ln": 0.2, "mean_bn": 0.6, "var_in": 0.1, "var_ln": 0.3, "var_bn": 0.6},
-        {"layer": "b", "mean_in": 0.4, "mean_ln": 0.4, "mean_bn": 0.2, "var_in": 0.3, "var_ln": 0.3, "var_bn": 0.4},
+def _weights(bn_weight):
+    rest = (1 - bn_weight) / 2
+    return [
+        {"layer": "a", "mean_in": rest, "mean_ln": rest, "mean_bn": bn_weight, "var_in": 0.3, "var_ln": 0.3, "var_bn": 0.4},
+        {"layer": "b", "mean_in": rest, "mean_ln": rest, "mean_bn": bn_weight, "var_in": 0.2, "var_ln": 0.4, "var_bn": 0.4},
     ]
-    runs = [
-        _fake_run("bn", 2, 0.50, 0.70), _fake_run("bn", 32, 0.90, 0.91),
-        _fake_run("gn", 2, 0.85, 0.85), _fake_run("gn", 32, 0.86, 0.86),
-        _fake_run("sn", 2, 0.80, 0.88, weights), _fake_run("sn", 32, 0.90, 0.92, weights),
+
+
+def test_results_markdown_intervals_and_resolved_claims():
+    runs = []
+    for seed, offset in enumerate((0.0, 0.005, 0.01)):
+        runs += [
+            _fake_run("bn", 2, seed, 0.60 + offset, 0.70 + offset), _fake_run("bn", 32, seed, 0.90, 0.90 + 1.2 * offset),
+            _fake_run("gn", 2, seed, 0.85 + offset, 0.85 + offset), _fake_run("gn", 32, seed, 0.85 - offset, 0.85 - offset),
+            _fake_run("sn", 2, seed, 0.88, 0.88 + offset, _weights(0.30 - offset)),
+            _fake_run("sn", 32, seed, 0.88, 0.884, _weights(0.40 + offset)),
+            _fake_run("bn", 2, seed, 0.50 + 2 * offset, 0.70 + offset, momentum=0.01),
+        ]
+    md = results_markdown(runs)
+    lines = md.splitlines()
+    tables = [i for i, line in enumerate(lines) if line.startswith("| norm |")]
+    # mean +- t(0.975, 2) * sd / sqrt(3); sd 0.5 points: 4.303 * 0.5 / 1.732 = 1.24
+    assert lines[tables[0] + 2 : tables[0] + 5] == [
+        "| BN | 70.50 ± 1.24 | 90.60 ± 1.49 |", "| GN | 85.50 ± 1.24 | 84.50 ± 1.24 |", "| SN | 88.50 ± 1.24 | 88.40 ± 0.00 |",
     ]
-    md = results_markdown(runs).splitlines()
-    tables = [i for i, line in enumerate(md) if line.startswith("| norm |")]
-    batch_avg = md[tables[0] : tables[0] + 7]
-    assert batch_avg[0] == "| norm | batch 2 | batch 32 |"
-    assert batch_avg[2:] == [
-        "| BN | 70.00 | 91.00 |", "| GN | 85.00 | 86.00 |", "| SN | 88.00 | 92.00 |",
-        "| SN-BN | +18.00 | +1.00 |", "| SN-GN | +3.00 | +6.00 |",
-    ]
-    assert md[tables[1] + 2] == "| BN | 50.00 | 90.00 |"
-    assert "| 2 | 0.300 | 0.300 | 0.400 | 0.200 | 0.300 | 0.500 |" in md
+    assert lines[tables[1] + 2] == "| BN | 60.50 ± 1.24 | 90.00 ± 0.00 |"
+    # Paired by seed: BN at 2 minus BN at 32 is -20.0, -20.1, -20.2 (sd 0.1, half width 0.25).
+    assert "- BN: best at batch 32 (90.6 [89.1, 92.1]%); lower beyond seed noise at batch 2 (-20.1 [-20.3, -19.9])\n" in md
+    assert "- GN: best at batch 2 (85.5 [84.3, 86.7]%); within noise of its best at batch 32 (largest gap -1.0 [-3.5, +1.5] at 32) -> flat within noise\n" in md
+    assert "- SN - BN: higher beyond noise at batch 2 (+18.0 [+18.0, +18.0]); lower beyond noise at batch 32 (-2.2 [-3.7, -0.7])\n" in md
+    assert "- SN - GN: higher beyond noise at batch 2 (+3.0 [+3.0, +3.0]), 32 (+3.9 [+2.7, +5.1])\n" in md
+    assert "BN 0.405 -> 0.295 (-0.110 [-0.135, -0.085], resolved)" in md
+    assert "- BN batch 2, momentum 0.1: moving - batch average -10.0 [-10.0, -10.0], moving averages worse beyond noise\n" in md
+    assert "- BN batch 2, momentum 0.01: moving - batch average -19.5 [-20.7, -18.3], moving averages worse beyond noise\n" in md
+    assert "| BN | 2 | 0.01 | 51.00 ± 2.48 | 70.50 ± 1.24 | -19.50 ± 1.24 |" in md
+    # importance: layer mean +- half width over seeds (smallest-largest layer); columns mean IN, LN, BN, var IN, LN, BN
+    row = next(line for line in lines if line.startswith("| 2 | "))
+    assert row.split(" | ")[3].startswith("0.295 ± 0.012 (")
+    assert row.endswith("| 0.250 ± 0.000 (0.20-0.30) | 0.350 ± 0.000 (0.30-0.40) | 0.400 ± 0.000 (0.40-0.40) |")
+    assert "| BN | 200 (200) | 3200 (3200) |" in md  # 100 samples, 1 CPU second per run
+
+
+def test_intervals_by_hand():
+    iv = interval([1.0, 2.0, 3.0])
+    assert (iv.mean, iv.n) == (2.0, 3) and iv.half_width == pytest.approx(4.303 / math.sqrt(3))
+    assert interval([5.0]).text() == "5.00 (n=1)" and not interval([5.0]).excludes_zero()
+    assert paired_interval({0: 3.0, 1: 5.0, 2: 9.0}, {0: 1.0, 1: 2.0, 7: 0.0}).mean == pytest.approx(2.5)  # seeds 0, 1
+    assert t_quantile(100) == 1.96
+    with pytest.raises(ValueError, match="degrees of freedom must be >= 1, got 0"):
+        t_quantile(0)
+    with pytest.raises(ValueError, match="interval of no values: need at least one"):
+        interval([])
+    with pytest.raises(ValueError, match=r"no common seeds to pair: \[0\] vs \[1\]"):
+        paired_interval({0: 1.0}, {1: 1.0})
 
 
 # ---------------------------------------------------------------------------------- multi-process
@@ -301,3 +364,113 @@ def test_model_norms_come_from_create_norm(norm, kind):
         expected = {12: 4, 24: 8, 48: 8} if norm == "gn" else {12: 1, 24: 1, 48: 1}
         assert all(m.num_groups == expected[m.num_channels] for m in norms)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------------------------- command-line behaviour
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("python -m experiments.batch_size 0.3.0 (normkit ") and out.count("\n") == 1
+
+
+def _no_training(monkeypatch):
+    import experiments.batch_size.sweep as sweep_mod
+    train_mod = importlib.import_module("experiments.batch_size.train")
+
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained although a dependency is missing"))
+    monkeypatch.setattr(sweep_mod, "sweep", lambda *a, **k: pytest.fail("swept although a dependency is missing"))
+
+
+def test_missing_scikit_learn_is_one_line_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data_mod, "DEFAULT_DATA_DIR", str(tmp_path / "absent"))
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    _no_training(monkeypatch)
+    for argv in (["train", "--norm", "bn", "--batch-size", "2"], ["sweep", "--norms", "bn", "--dataset", "digits"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs scikit-learn, which is not installed; pip install scikit-learn" in err
+
+
+def test_missing_matplotlib_still_writes_every_result(tmp_path, monkeypatch, capsys):
+    d = fake_fashion(tmp_path / "fm")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "one"
+    assert main(["train", "--norm", "sn", "--batch-size", "8", "--width", "4", "--data-dir", d, "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "notice: matplotlib is not installed, so no figures will be drawn" in err and err.count("\n") == 1
+    assert json.loads((out / "result.json").read_text())["importance"]
+    assert "mean BN" in (out / "importance.txt").read_text() and not (out / "importance.png").exists()
+    grid = tmp_path / "grid"
+    argv = ["sweep", "--norms", "gn", "--batch-sizes", "8", "--seeds", "0", "--no-momentum-sweep", "--width", "4",
+            "--data-dir", d, "--out", str(grid), "--quiet", "--jobs", "1"]
+    assert main(argv) == 0
+    assert sorted(os.listdir(grid)) == ["results.json", "results.md", "runs"]
+
+
+def test_default_outputs_and_grids(tmp_path, monkeypatch):
+    import experiments.batch_size.sweep as sweep_mod
+    train_mod = importlib.import_module("experiments.batch_size.train")
+    from experiments.batch_size.norms import available_norms
+
+    seen = {}
+    monkeypatch.setattr(train_mod, "train", lambda cfg, out, **k: seen.update(cfg=cfg, out=out))
+    monkeypatch.setattr(sweep_mod, "sweep", lambda cfg, grid, out, **k: seen.update(cfg=cfg, grid=grid, out=out, jobs=k["jobs"]))
+    d = fake_fashion(tmp_path / "fm")
+    assert main(["train", "--norm", "BN", "--batch-size", "4", "--seed", "2", "--data-dir", d]) == 0
+    assert seen["out"] == os.path.join("runs", "train", "bn-b4-s2") and seen["cfg"].threads == 1 and seen["cfg"].epochs == 1
+    assert main(["sweep", "--data-dir", d]) == 0
+    assert seen["out"] == os.path.join("runs", "sweep") and seen["jobs"] == min(2, os.cpu_count())
+    assert seen["grid"].norms == available_norms() and available_norms()[:3] == ["bn", "gn", "sn"]
+    assert list(seen["grid"].batch_sizes) == [1, 2, 4, 8, 16, 32] and list(seen["grid"].seeds) == [0, 1, 2]
+    assert (seen["cfg"].limit_train, seen["cfg"].epochs, seen["grid"].momenta) == (2000, 1, [0.01, 0.003])
+    assert main(["sweep", "--full", "--data-dir", d, "--no-momentum-sweep"]) == 0
+    assert seen["out"] == os.path.join("runs", "full") and (seen["cfg"].limit_train, seen["cfg"].epochs) == (None, 4)
+    assert seen["grid"].momenta == [] and seen["grid"].momentum_norms == []
+
+
+def test_interrupted_train_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
+    train_mod = importlib.import_module("experiments.batch_size.train")
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    assert main(["train", "--norm", "bn", "--batch-size", "4", "--data-dir", fake_fashion(tmp_path / "fm")]) == 130
+    assert "interrupted; train keeps no checkpoint, so running it again starts from step 0" in capsys.readouterr().err
+
+
+def test_progress_plain_lines_off_a_terminal():
+    import io
+
+    from experiments.batch_size.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    plain, terminal = io.StringIO(), Terminal()
+    for stream in (plain, terminal):
+        bar = Progress(8, "bn batch 2", stream=stream)
+        for _ in range(8):
+            bar.update(1, "loss 0.5")
+        bar.close()
+    lines = plain.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["bn batch 2: 2/8 (25%)", "bn batch 2: 4/8 (50%)", "bn batch 2: 6/8 (75%)", "bn batch 2: 8/8 (100%)"]
+    assert "\r" not in plain.getvalue() and "\x1b" not in plain.getvalue()
+    assert terminal.getvalue().startswith("\rbn batch 2: ") and "\n" not in terminal.getvalue()
+
+
+def test_norms_come_from_normkit_at_run_time():
+    from experiments.batch_size.norms import available_norms, layer_options
+
+    assert available_norms(("bn", "no-such-norm", "sn")) == ["bn", "sn"]
+    assert layer_options("sn", 1) == {"sources": ("in", "ln")} and layer_options("sn", 2) == {}
+    assert layer_options("bn", 1, momentum=0.01) == {"momentum": 0.01}
+    with pytest.raises(ConfigError, match="norm momentum needs a normalizer with running averages .*got 'gn'"):
+        train(TrainConfig(norm="gn", norm_momentum=0.01))
+    with pytest.raises(ConfigError, match="unknown normalization name 'xyz'"):
+        train(TrainConfig(norm="xyz"))

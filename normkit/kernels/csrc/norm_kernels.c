@@ -367,10 +367,11 @@ static i64 source_size(int kind, int constant, i64 N, i64 C, i64 groups) {
     return kind == 0 ? (constant ? C : N * C) : kind == 1 ? N : kind == 2 ? C : N * groups;
 }
 
-/* v <- 1 / sqrt(max(v, 0) + eps), vectorised (needs -fno-math-errno for sqrt) */
+/* v <- 1 / sqrt(v + eps), vectorised (needs -fno-math-errno for sqrt). Mixed batch variances
+   are never negative; a negative or NaN running variance gives NaN, as in torch. */
 static void rstd_in_place(double *restrict v, i64 n, double eps) {
 #pragma omp simd
-    for (i64 i = 0; i < n; i++) v[i] = 1.0 / sqrt((v[i] < 0.0 ? 0.0 : v[i]) + eps); /* clamp_min: NaN stays NaN */
+    for (i64 i = 0; i < n; i++) v[i] = 1.0 / sqrt(v[i] + eps);
 }
 
 /* Mixed mean and variance per (n, c): mu = sum_k wm_k m_k, var = sum_k wv_k v_k. */
@@ -479,12 +480,19 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         }                                                                                       \
         for (i64 i = 0; i < N * C; i++) mu[i] = (S)m[i];                                        \
         for (i64 c = 0; c < C; c++) shift[c] = beta ? beta[c] : (S)0;                           \
+        int batch_written = 0;                                                                  \
         for (int k = 0; k < K; k++)                                                             \
-            if (src[k].kind == 2 && !src[k].constant && bn_mean)                                \
+            if (src[k].kind == 2 && !src[k].constant && bn_mean) {                              \
+                batch_written = 1;                                                              \
                 for (i64 c = 0; c < C; c++) {                                                   \
                     bn_mean[c] = (S)src[k].m[c];                                                \
                     bn_var[c] = (S)src[k].v[c];                                                 \
                 }                                                                               \
+            }                                                                                   \
+        if (!batch_written && bn_mean) { /* no batch statistics: the output stays defined */    \
+            memset(bn_mean, 0, sizeof(S) * (size_t)C);                                          \
+            memset(bn_var, 0, sizeof(S) * (size_t)C);                                           \
+        }                                                                                       \
         free(pool);                                                                             \
         return 0;                                                                               \
     }                                                                                           \
@@ -509,7 +517,7 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         double *sums = db + C;                                                                  \
         weights_##SFX(K, mw, vw, wm, wv);                                             \
         mix(src, K, wm, wv, N, C, m, v);                                                        \
-        for (i64 i = 0; i < nc; i++) Gv[i] = v[i] >= 0.0 ? 1.0 : 0.0; /* clamp's gradient */    \
+        for (i64 i = 0; i < nc; i++) Gv[i] = 1.0;                                               \
         rstd_in_place(v, nc, eps);                                                              \
         memset(dg, 0, sizeof(double) * (size_t)(2 * C));                                        \
         for (i64 n = 0; n < N; n++) {                                                           \
