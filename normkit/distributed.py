@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from normkit._core import Moments, merge_moments
 
-__all__ = ["all_merge_moments"]
+__all__ = ["all_merge_moments", "check_agreement"]
 
 
 def _group_rank_and_size(process_group: Any) -> tuple[int, int]:
@@ -60,6 +60,44 @@ def _group_rank_and_size(process_group: Any) -> tuple[int, int]:
     return rank, dist.get_world_size(process_group)
 
 
+def _all_reduce(tensor: Tensor, op: Any, process_group: Any) -> None:
+    """``dist.all_reduce`` whose failure (a peer that stopped answering ends in the process
+    group's timeout) says what was being exchanged and what to check."""
+    try:
+        dist.all_reduce(tensor, op=op, group=process_group)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"normkit: exchanging batch statistics across the {dist.get_world_size(process_group)} processes "
+            "of the group failed. Every rank must run the same synced layers in the same order (a rank that "
+            "crashed, skipped a layer or ran eval() leaves the others waiting until the process group's "
+            f"timeout, init_process_group(timeout=...)). The collective said: {error}"
+        ) from error
+
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def check_agreement(num_channels: int, dtype: torch.dtype, device: torch.device, process_group: Any = None) -> None:
+    """Raise on every rank unless every rank of ``process_group`` normalises ``num_channels``
+    channels of the same ``dtype`` (exchanging statistics of different shapes would give
+    garbage or abort). One small ``all_reduce``; layers run it on their first synced call."""
+    rank, world = _group_rank_and_size(process_group)
+    if world == 1:
+        return
+    code = _DTYPE_CODES.get(dtype, 0)
+    extremes = torch.tensor([num_channels, -num_channels, code, -code], dtype=torch.int64, device=device)
+    _all_reduce(extremes, dist.ReduceOp.MAX, process_group)
+    most_c, least_c, most_d, least_d = (int(v) for v in extremes)
+    if most_c != -least_c or most_d != -least_d:
+        names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
+        raise ValueError(
+            "synchronised statistics need the same channel count and dtype on every rank of the process group: "
+            f"rank {rank} has {num_channels} channels of {names.get(code, dtype)}, the group has channel counts "
+            f"from {-least_c} to {most_c} and dtypes from {names.get(-least_d, '?')} to {names.get(most_d, '?')}; "
+            "build the layer with the same num_features on every rank and feed every rank the same dtype"
+        )
+
+
 class _GatherSlots(torch.autograd.Function):
     """``(3, *S)`` local statistics -> ``(world, 3, *S)`` statistics of every rank."""
 
@@ -67,7 +105,7 @@ class _GatherSlots(torch.autograd.Function):
     def forward(ctx, local: Tensor, process_group: Any, rank: int, world: int) -> Tensor:  # type: ignore[override]
         gathered = local.new_zeros((world, *local.shape))
         gathered[rank] = local
-        dist.all_reduce(gathered, op=dist.ReduceOp.SUM, group=process_group)
+        _all_reduce(gathered, dist.ReduceOp.SUM, process_group)
         ctx.process_group, ctx.rank = process_group, rank
         return gathered
 
@@ -76,7 +114,7 @@ class _GatherSlots(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         # Every rank's loss depends on every slot: this slot's gradient is the sum over ranks.
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
+        _all_reduce(grad, dist.ReduceOp.SUM, ctx.process_group)
         return grad[ctx.rank], None, None, None
 
 

@@ -13,6 +13,7 @@ import inspect
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 import traceback
@@ -254,6 +255,7 @@ def _worker(rank, world, init_file, out_dir, plan_file):
     sections = [(c["name"], lambda c=c: _run_layer_case(c, rank, group, counter)) for c in plan["layers"]]
     sections += [(c["name"], lambda c=c: _run_ddp_case(c, rank, world)) for c in plan["ddp"]]
     sections += [("merge", lambda: _run_merge(rank, world))]
+    sections += [("disagree", lambda: _run_disagreement(rank, group))]
     if plan["recompute"]:
         sections += [("recompute", lambda: _run_recompute(rank, world))]
     result: dict[str, Any] = {}
@@ -269,6 +271,16 @@ def _worker(rank, world, init_file, out_dir, plan_file):
         result.setdefault("seconds", {})[name] = time.monotonic() - start
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _run_disagreement(rank, group):
+    """Ranks with different channel counts: an error on every rank, before any statistic moves."""
+    layer = normkit.BatchNorm1d(3 + rank, process_group=group).train()
+    try:
+        layer(torch.randn(4, 3 + rank))
+    except ValueError as error:
+        return {"error_text": str(error), "running_mean": layer.running_mean.clone()}
+    return {"error_text": None}
 
 
 def _run_merge(rank, world):
@@ -405,7 +417,8 @@ def test_layer_matches_one_process(world, name, tmp_path_factory):
             torch.testing.assert_close(got["y"], y.detach()[lo:hi], **TOL)
             torch.testing.assert_close(got["dx"], x.grad[lo:hi], **TOL)
             # one collective forward and one backward per layer with a BN source, none without
-            assert got["collectives"] == ((1, 1) if has_bn else (0, 0))
+            # (plus, on the first call, the check that every rank has the same channels and dtype)
+            assert got["collectives"] == ((1 + (step == 0), 1) if has_bn else (0, 0))
             if has_bn:
                 ref_rm, ref_rv = ref_running(case["xs"][: step + 1], masks=case["masks"])
                 torch.testing.assert_close(got["running"][0], ref_rm, **TOL)
@@ -504,6 +517,15 @@ def no_collectives(monkeypatch):
         monkeypatch.setattr(dist, name, forbidden)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_that_disagree_on_channels_all_raise(world, tmp_path_factory):
+    for rank, got in enumerate(_results(world, "disagree", tmp_path_factory)):
+        assert got["error_text"] is not None, f"rank {rank} did not raise"
+        assert re.search(rf"same channel count and dtype on every rank.*rank {rank} has {3 + rank} channels of "
+                         rf"float32, the group has channel counts from 3 to {2 + world}", got["error_text"])
+        assert torch.equal(got["running_mean"], torch.zeros(3 + rank))
+
+
 @pytest.mark.parametrize("kind", SYNCED)
 def test_single_process_never_touches_the_group(kind, no_collectives):
     assert not dist.is_initialized()
@@ -522,3 +544,18 @@ def test_all_merge_moments_needs_initialised_distributed():
     m = Moments(torch.ones(1, 1), torch.zeros(1, 2), torch.zeros(1, 2))
     with pytest.raises(RuntimeError, match=r"torch.distributed.is_initialized\(\) is False.*init_process_group"):
         all_merge_moments(m)
+
+
+def test_a_failed_exchange_says_what_to_check(monkeypatch):
+    """A peer that stops answering ends in the collective's own timeout error; the layer's
+    error says what was being exchanged and what to check."""
+    import normkit.distributed as nd
+
+    def timed_out(*args, **kwargs):
+        raise RuntimeError("[gloo] Timed out waiting 15000ms for recv operation to complete")
+
+    monkeypatch.setattr(dist, "all_reduce", timed_out)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match=r"exchanging batch statistics across the 2 processes(.|\n)*"
+                                           r"init_process_group\(timeout=...\)(.|\n)*Timed out waiting"):
+        nd._all_reduce(torch.zeros(3), dist.ReduceOp.SUM, None)

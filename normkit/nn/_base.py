@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from normkit import functional as F
 from normkit._core import InputError, MixSpec, UnsupportedDtypeError, check_eps, check_momentum, normalize_axis
+from normkit.distributed import check_agreement
 
 __all__ = ["NormModule", "NormBase", "check_float_layer_input", "check_input"]
 
@@ -221,12 +222,18 @@ class NormBase(NormModule):
                 factor = 1.0 / float(self.num_batches_tracked)
         return use_batch, factor
 
-    def _sync_group(self) -> Any:
-        """The process group to merge batch statistics over, or None (eval, single process)."""
+    def _sync_group(self, x: Tensor) -> Any:
+        """The process group to merge batch statistics over, or None (eval, single process).
+        The first call with a group (and input dtype) checks that every rank agrees on the
+        channel count and dtype."""
         if self.process_group is None or not self.training or self.frozen:
             return None
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return None
+        agreed = (id(self.process_group), x.dtype)
+        if self.__dict__.get("_agreed") != agreed:
+            check_agreement(self.num_features, x.dtype, x.device, self.process_group)
+            self.__dict__["_agreed"] = agreed
         return self.process_group
 
     def _run(
@@ -242,7 +249,7 @@ class NormBase(NormModule):
         (``eps`` and ``momentum`` were checked when assigned.)"""
         axis = self._check_input(x)
         use_batch, factor = self._batch_stats_and_factor()
-        group = self._sync_group() if "bn" in sources else None
+        group = self._sync_group(x) if "bn" in sources else None
         if self._needs_two_values and use_batch and mask is None and group is None and x.numel() // x.shape[axis] == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "

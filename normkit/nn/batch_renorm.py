@@ -178,7 +178,7 @@ class _BatchRenorm(NormBase):
             return self._run(x, mask, ("bn",))  # eval, frozen or no running statistics: batch norm
         axis = self._check_input(x)
         _, factor = self._batch_stats_and_factor()
-        group = self._sync_group()
+        group = self._sync_group(x)
         if mask is None and group is None and x.numel() // x.shape[axis] == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
