@@ -58,6 +58,7 @@ from normkit._core import (
     normalize_axis,
     parse_sources,
     softmax_weights,
+    sparsestmax_weights,
     update_running,
 )
 from normkit.distributed import all_merge_moments
@@ -71,7 +72,10 @@ __all__ = [
     "normalize",
     "run",
     "switch_norm",
+    "sparse_switch_norm",
     "batch_norm",
+    "batch_renorm",
+    "renorm_train",
     "group_norm",
     "layer_norm",
     "instance_norm",
@@ -168,13 +172,28 @@ def _check_small(x: Tensor, c: int, **tensors: Optional[Tensor]) -> None:
         check_vector(t, name, c, x.device)
 
 
-def _weights(mean_logits: Optional[Tensor], var_logits: Optional[Tensor], sources: tuple[str, ...], x: Tensor):
-    """SN's policy: importance weights are the softmax of the logits (none for one source)."""
-    if len(sources) == 1:
-        return None, None
-    check_weights(mean_logits, "mean_logits", sources, x.device)
-    check_weights(var_logits, "var_logits", sources, x.device)
-    return softmax_weights(mean_logits, var_logits)
+def _switchable(x: Tensor, running_mean, running_var, weight, bias, mean_logits, var_logits, sources, training: bool,
+                momentum: float, eps: float, channel_axis: int, mask, process_group, policy) -> Tensor:
+    """The functional SN family: ``policy(mean_logits, var_logits) -> (mean_weights,
+    var_weights)`` (softmax for SN, sparsestmax for SSN; none for one source)."""
+    axis = _channel_axis(x, channel_axis)
+    sources = parse_sources(sources, x.shape[axis])
+    check_eps(eps)
+    check_momentum(momentum)
+    mean_weights = var_weights = None
+    if len(sources) > 1:
+        check_weights(mean_logits, "mean_logits", sources, x.device)
+        check_weights(var_logits, "var_logits", sources, x.device)
+        mean_weights, var_weights = policy(mean_logits, var_logits)
+    has_bn = "bn" in sources
+    use_batch = training or running_mean is None
+    if has_bn and not use_batch and running_var is None:
+        raise ValueError("running_var is required with running_mean when not training")
+    return run(
+        x, MixSpec(sources, eps, use_batch, "bn"), weight, bias, mean_weights, var_weights,
+        running_mean if has_bn else None, running_var if has_bn else None, momentum, axis, mask,
+        process_group if training and has_bn else None,
+    )
 
 
 def run(
@@ -246,20 +265,8 @@ def switch_norm(
             channel leaves the running averages unchanged.
         process_group: merge BN statistics across this ``torch.distributed`` group in training.
     """
-    axis = _channel_axis(x, channel_axis)
-    sources = parse_sources(sources, x.shape[axis])
-    check_eps(eps)
-    check_momentum(momentum)
-    mean_weights, var_weights = _weights(mean_logits, var_logits, sources, x)
-    use_batch = training or running_mean is None
-    if "bn" in sources and not use_batch and running_var is None:
-        raise ValueError("running_var is required with running_mean when not training")
-    has_bn = "bn" in sources
-    return run(
-        x, MixSpec(sources, eps, use_batch, "bn"), weight, bias, mean_weights, var_weights,
-        running_mean if has_bn else None, running_var if has_bn else None, momentum, axis, mask,
-        process_group if training and has_bn else None,
-    )
+    return _switchable(x, running_mean, running_var, weight, bias, mean_logits, var_logits, sources, training,
+                       momentum, eps, channel_axis, mask, process_group, softmax_weights)
 
 
 def batch_norm(
@@ -382,9 +389,6 @@ def layer_norm(
 
 # ---- Sparse Switchable Normalization and Batch Renormalization ------------------------------
 
-__all__ += ["sparse_switch_norm", "batch_renorm", "renorm_train"]
-
-
 def sparse_switch_norm(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -410,26 +414,9 @@ def sparse_switch_norm(
     ``radius`` is :math:`r \in [0, \sqrt{1 - 1/K}]` (0: sparsemax; the maximum: one-hot). The
     other arguments are those of :func:`switch_norm`.
     """
-    from normkit._core.sparsestmax import sparsestmax_weights
-
-    axis = _channel_axis(x, channel_axis)
-    sources = parse_sources(sources, x.shape[axis])
-    check_eps(eps)
-    check_momentum(momentum)
-    mean_weights = var_weights = None
-    if len(sources) > 1:
-        check_weights(mean_logits, "mean_logits", sources, x.device)
-        check_weights(var_logits, "var_logits", sources, x.device)
-        mean_weights, var_weights = sparsestmax_weights(mean_logits, var_logits, radius)
-    has_bn = "bn" in sources
-    use_batch = training or running_mean is None
-    if has_bn and not use_batch and running_var is None:
-        raise ValueError("running_var is required with running_mean when not training")
-    return run(
-        x, MixSpec(sources, eps, use_batch, "bn"), weight, bias, mean_weights, var_weights,
-        running_mean if has_bn else None, running_var if has_bn else None, momentum, axis, mask,
-        process_group if training and has_bn else None,
-    )
+    return _switchable(x, running_mean, running_var, weight, bias, mean_logits, var_logits, sources, training,
+                       momentum, eps, channel_axis, mask, process_group,
+                       functools.partial(sparsestmax_weights, radius=radius))
 
 
 @functools.lru_cache(maxsize=64)
@@ -451,10 +438,8 @@ def _batch_moments(x: Tensor, axis: int, mask: Optional[Tensor], process_group: 
                 chosen = None
         if chosen is not None:
             mean, var = chosen.moments(x, axis)
-            # every sample has the same count: the merge is the plain average (Chan with equal weights)
-            batch_mean = mean.mean(0, keepdim=True)
-            batch_var = (var + (mean - batch_mean).square_()).mean(0, keepdim=True)
-            return Moments(mean.new_full((1, 1), float(x.numel() // max(mean.shape[1], 1))), batch_mean, batch_var)
+            per_sample = x.numel() // max(mean.numel(), 1)
+            return merge_moments(Moments(mean.new_full((mean.shape[0], 1), float(per_sample)), mean, var), 0)
         batch = merge_moments(moments(x, axis, mask), 0)
         if process_group is not None:
             batch = all_merge_moments(batch, process_group)

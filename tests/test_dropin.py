@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 import normkit
+import normkit.tools.convert as convert_module
 
 NORMKIT_BN = (normkit.BatchNorm1d, normkit.BatchNorm2d, normkit.BatchNorm3d)
 
@@ -200,7 +201,9 @@ MODELS = {
 
 
 @pytest.fixture(autouse=True)
-def _norm_act_converter():
+def _norm_act_converter(monkeypatch):
+    # registered for these tests only (the registry is global)
+    monkeypatch.setattr(convert_module, "_CONVERTERS", dict(convert_module._CONVERTERS))
     normkit.register_converter(BatchNormAct2d, normkit.norm_act_converter("act"))
 
 
@@ -257,6 +260,8 @@ def test_convert_carries_bias_groups_and_refuses_what_it_cannot_carry():
     converted[1].load_state_dict(model[1].state_dict(), strict=True)
     grouped = normkit.convert(copy.deepcopy(model), "group")
     assert grouped[2].num_groups == 8
+    # a momentum has nothing to move in a layer without running statistics: not a refusal
+    assert isinstance(normkit.convert(nn.Sequential(nn.BatchNorm2d(4, momentum=0.3)), "group")[0], nn.GroupNorm)
     torch.testing.assert_close(grouped[2](expected), model[2](expected))
     with pytest.raises(ValueError, match=r"'0' \(SwitchNorm2d\): SwitchNorm2d has no torch.nn equivalent"):
         normkit.convert(nn.Sequential(normkit.SwitchNorm2d(4)), "torch")

@@ -251,8 +251,8 @@ def _carry(old: nn.Module, new: nn.Module) -> nn.Module:
 def _settings(old: nn.Module, target_kind: Optional[NormKind]) -> dict[str, Any]:
     """Every setting of ``old`` a new layer should have (constructor arguments)."""
     inherited: dict[str, Any] = dict(_factory_of(old), eps=old.eps)
-    if getattr(old, "momentum", None) is not None or hasattr(old, "running_mean"):
-        inherited["momentum"] = getattr(old, "momentum", 0.1)
+    if hasattr(old, "momentum"):
+        inherited["momentum"] = old.momentum
     if getattr(old, "axis", 1) != 1:
         inherited["axis"] = old.axis
     affine = getattr(old, "affine", getattr(old, "elementwise_affine", None))
@@ -273,11 +273,12 @@ def _settings(old: nn.Module, target_kind: Optional[NormKind]) -> dict[str, Any]
     return inherited
 
 
-# settings a constructor may lack when they are the default anyway
-_DEFAULTS = {"bias": True, "scale": True, "axis": 1, "frozen": False, "momentum": None}
+# settings that change what a layer computes: a constructor that lacks one may only be given its
+# default (momentum is not one: a target without it keeps no running statistics to move)
+_DEFAULTS = {"bias": True, "scale": True, "axis": 1, "frozen": False}
 
 
-def _constructor_kw(old: nn.Module, cls: Callable[..., nn.Module], options: dict[str, Any], path: str) -> dict[str, Any]:
+def _constructor_kw(old: nn.Module, cls: Callable[..., nn.Module], options: dict[str, Any]) -> dict[str, Any]:
     """The settings the new layer takes from the old one, overridden by ``options``; raises
     _Refused naming what ``cls`` cannot carry."""
     target = kind_of(cls) if isinstance(cls, type) else None
@@ -286,8 +287,7 @@ def _constructor_kw(old: nn.Module, cls: Callable[..., nn.Module], options: dict
         inherited["center"] = inherited.pop("bias")  # Keras' name
     taken = _taken_by(cls, inherited)
     lost = [f"{k}={v!r}" for k, v in inherited.items()
-            if k not in taken and k not in options and k in _DEFAULTS and _DEFAULTS[k] != v
-            and not (k == "momentum" and v == 0.1)]
+            if k not in taken and k not in options and k in _DEFAULTS and _DEFAULTS[k] != v]
     if lost:
         raise _Refused(f"{getattr(cls, '__name__', cls)} cannot carry {', '.join(lost)}")
     if "frozen" in taken:
@@ -324,7 +324,7 @@ def _to_torch(old: nn.Module) -> nn.Module:
 
 
 def _replace(old: nn.Module, target: Any, dim: Optional[int], options: dict[str, Any], process_group: Any,
-             path: str, channel_axis: Optional[int] = None) -> nn.Module:
+             channel_axis: Optional[int] = None) -> nn.Module:
     c = _num_features(old)
     layer_dim = check_dim(dim or dim_of(old) or 2)
     kind = kind_of(old) if channel_axis is None else None
@@ -336,7 +336,7 @@ def _replace(old: nn.Module, target: Any, dim: Optional[int], options: dict[str,
         new = old
         if not isinstance(old, kind.classes):  # a torch.nn layer: its normkit namesake takes a process group
             cls = kind.class_for(layer_dim)
-            new = _carry(old, kind.create(c, layer_dim, **_constructor_kw(old, cls, options, path)))
+            new = _carry(old, kind.create(c, layer_dim, **_constructor_kw(old, cls, options)))
         new.process_group = process_group
         return new
     if channel_axis is not None:  # a channel LayerNorm: no axis of its own to carry
@@ -345,9 +345,9 @@ def _replace(old: nn.Module, target: Any, dim: Optional[int], options: dict[str,
         cls = target.class_for(layer_dim)
         if kind is target and type(old) is cls and not options and not target.rebuilds:
             return old  # already the requested kind
-        new = target.create(c, layer_dim, **_constructor_kw(old, cls, options, path))
+        new = target.create(c, layer_dim, **_constructor_kw(old, cls, options))
     elif isinstance(target, type):
-        new = target(c, **_constructor_kw(old, target, options, path))
+        new = target(c, **_constructor_kw(old, target, options))
     else:
         new = target(c, **options)
     return _carry(old, new)
@@ -511,7 +511,7 @@ def convert(
             raise _Refused(f"'{where}' ({type(module).__name__}) is an uninitialised lazy norm: run a forward pass "
                            "first or pass example_input=...")
         if id(module) in channel_norms:
-            new = _replace(module, resolved, dim, options, process_group, where, channel_axis=channel_norms[id(module)])
+            new = _replace(module, resolved, dim, options, process_group, channel_axis=channel_norms[id(module)])
             note(path, module, "converted", new, f"channel LayerNorm, axis={channel_norms[id(module)]}")
             return new
         if isinstance(module, nn.LayerNorm):
@@ -527,7 +527,7 @@ def convert(
                 "it would drop that behaviour: register a converter for it (normkit.register_converter, "
                 "normkit.norm_act_converter for norm + activation modules)"
             )
-        new = _replace(module, resolved, dim, options, process_group, where)
+        new = _replace(module, resolved, dim, options, process_group)
         note(path, module, "converted" if new is not module else "kept", new if new is not module else None,
              "" if new is not module else "already the target")
         return new

@@ -274,8 +274,7 @@ def _traced_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[s
             pairs.append((first.target, node.target))
         else:
             left.append((node.target, why))
-    called = {target for target in calls}
-    left += [(path, "not called in forward") for path, m in modules.items() if _is_batch_norm(m) and path not in called]
+    left += [(path, "not called in forward") for path, m in modules.items() if _is_batch_norm(m) and path not in calls]
     return pairs, left
 
 
@@ -286,7 +285,7 @@ def _is_batch_norm(module: nn.Module) -> bool:
 
 def _sequential_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Foldable consecutive (linear, bn) children of every nn.Sequential, and the rest."""
-    pairs, left = [], []
+    pairs = []
     for path, module in model.named_modules():
         if not isinstance(module, nn.Sequential):
             continue
