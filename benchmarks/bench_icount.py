@@ -10,7 +10,7 @@ wall-clock benchmarks (``bench_small_ab.py``) for ratios to torch.
 
 Needs ``valgrind`` and a C compiler (for the four-line helper that switches counting on and
 off around the timed calls). 1 thread; each case runs 5 warm-up calls, then 10 counted ones;
-shape (2, 64, 7, 7) unless ``--shape``. Takes 2-4 minutes (Python under valgrind). Cases: the
+shape (2, 64, 7, 7) unless ``--shape``; ``--only BatchRenorm2d,BatchNorm2d`` limits the layers. Takes 2-4 minutes (Python under valgrind). Cases: the
 layers (training forward+backward, training forward, no-grad eval forward), and a normkit BN
 training forward cut at each layer of the call, as in ``bench_op_overhead.py``.
 """
@@ -34,7 +34,7 @@ void nk_count_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS;
 COUNTED = 10
 
 
-def _cases(torch, normkit, shape):
+def _cases(torch, normkit, shape, only=()):
     from normkit import functional as F
     from normkit._core import MixSpec
     from normkit.kernels import cpu, ops
@@ -44,7 +44,11 @@ def _cases(torch, normkit, shape):
     cases = {}
     layers = {"nn.BatchNorm2d": torch.nn.BatchNorm2d(c), "nn.GroupNorm(8)": torch.nn.GroupNorm(8, c),
               "normkit SwitchNorm2d": normkit.SwitchNorm2d(c), "normkit BatchNorm2d": normkit.BatchNorm2d(c),
-              "normkit GroupNorm(8)": normkit.GroupNorm(8, c)}
+              "normkit GroupNorm(8)": normkit.GroupNorm(8, c),
+              "normkit BatchRenorm2d": normkit.BatchRenorm2d(c, warmup=(0, 0, 0)),
+              "normkit SparseSwitchNorm2d": normkit.SparseSwitchNorm2d(c, radius=0.45, radius_steps=None)}
+    if only:
+        layers = {name: m for name, m in layers.items() if any(word in name for word in only)}
     for name, m in layers.items():
         cases[f"{name} fwd+bwd"] = (m, True, (lambda m: lambda: m(x).sum().backward())(m))
         cases[f"{name} fwd"] = (m, True, (lambda m: lambda: m(x))(m))
@@ -62,12 +66,13 @@ def _cases(torch, normkit, shape):
         "BN fwd: + module (BatchNorm2d)": lambda: bn(x),
         "x.sum().backward() alone": lambda: x.sum().backward(),
     }
-    for name, fn in parts.items():
-        cases[name] = (bn, True, fn)
+    if not only:
+        for name, fn in parts.items():
+            cases[name] = (bn, True, fn)
     return cases
 
 
-def _child(root: str, helper: str, shape) -> None:
+def _child(root: str, helper: str, shape, only) -> None:
     """Runs under valgrind: count each case, one callgrind dump per case, in order."""
     sys.path.insert(0, root)
     import torch
@@ -76,7 +81,7 @@ def _child(root: str, helper: str, shape) -> None:
 
     torch.set_num_threads(1)
     lib = ctypes.CDLL(helper)
-    for name, (module, training, fn) in _cases(torch, normkit, shape).items():
+    for name, (module, training, fn) in _cases(torch, normkit, shape, only).items():
         module.train(training)
         with torch.set_grad_enabled(training):
             for _ in range(5):
@@ -92,12 +97,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", help="a normkit source tree to import instead of this checkout")
     parser.add_argument("--shape", default="2,64,7,7", help="N,C,H,W")
+    parser.add_argument("--only", default="", help="comma-separated words: only the layers whose name has one "
+                        "(e.g. BatchNorm2d,BatchRenorm2d), without the cut of the BN call")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     root = os.path.abspath(args.root) if args.root else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shape = tuple(int(v) for v in args.shape.split(","))
     if args.child:
-        _child(root, args.child, shape)
+        _child(root, args.child, shape, tuple(w for w in args.only.split(",") if w))
         return 0
     if shutil.which("valgrind") is None:
         print("bench_icount needs valgrind (apt-get install valgrind)", file=sys.stderr)
@@ -112,7 +119,8 @@ def main(argv=None) -> int:
         out = os.path.join(tmp, "cg.out")
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
-             os.path.abspath(__file__), "--root", root, "--shape", args.shape, "--child", helper],
+             os.path.abspath(__file__), "--root", root, "--shape", args.shape, "--only", args.only, "--child",
+             helper],
             capture_output=True, text=True)
         names = [line[5:] for line in done.stdout.splitlines() if line.startswith("CASE ")]
         dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))

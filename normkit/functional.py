@@ -44,6 +44,7 @@ from normkit._core import (
     InputError,
     MixSpec,
     Moments,
+    RenormSpec,
     apply_affine,
     broadcast_mask,
     check_eps,
@@ -59,7 +60,6 @@ from normkit._core import (
     parse_sources,
     softmax_weights,
     sparsestmax_weights,
-    update_running,
 )
 from normkit.distributed import all_merge_moments
 from normkit.kernels._generic import generic_normalize
@@ -124,6 +124,9 @@ def normalize(
         )
     elif chosen is not None and not compiling and not isinstance(x, FakeTensor):
         reads = (running_mean, running_var) if spec.reads_running else (None, None)
+        if spec.reads_running and spec.tracked is not None and running_mean is not None:
+            # read, then moved below: the backward's recomputation must see the values read
+            reads = (running_mean.clone(), running_var.clone())
         mix_fn = functools.partial(_mix_reading, spec, *reads)
         y, tracked = generic_normalize(chosen, x, channel_axis, mix_fn, (mean_weights, var_weights, weight, bias))
     else:
@@ -133,7 +136,7 @@ def normalize(
     # synced, it moves them to the other processes' statistics
     if tracked is not None and running_mean is not None and running_var is not None and (
             x.numel() or process_group is not None):
-        update_running(tracked, running_mean, running_var, momentum, spec.running)
+        spec.update(tracked, running_mean, running_var, momentum)
     return y
 
 
@@ -419,31 +422,17 @@ def sparse_switch_norm(
                        functools.partial(sparsestmax_weights, radius=radius))
 
 
-@functools.lru_cache(maxsize=64)
-def _batch_spec(eps: float) -> MixSpec:
-    # the batch-norm training spec itself, so every kernel set written for BN serves it
-    return MixSpec(("bn",), eps, True, "bn")
+_RENORM_SPECS: dict[tuple[float, float, float], RenormSpec] = {}
 
 
-def _batch_moments(x: Tensor, axis: int, mask: Optional[Tensor], process_group: Any) -> Moments:
-    """The batch's per-channel count, mean and biased variance, ``(1, C)``, as constants: one
-    read of ``x`` by the kernel set's moments pass where one serves ``x`` (the reference
-    moments otherwise), merged across ``process_group`` when given."""
-    compiling = torch.compiler.is_compiling()
-    with torch.no_grad():
-        chosen = None
-        if not _reference_only(x, mask, process_group, compiling) and not compiling and not isinstance(x, FakeTensor):
-            chosen = kernels.select(x)
-            if chosen is not None and chosen.supports(x, axis) is not None:
-                chosen = None
-        if chosen is not None:
-            mean, var = chosen.moments(x, axis)
-            per_sample = x.numel() // max(mean.numel(), 1)
-            return merge_moments(Moments(mean.new_full((mean.shape[0], 1), float(per_sample)), mean, var), 0)
-        batch = merge_moments(moments(x, axis, mask), 0)
-        if process_group is not None:
-            batch = all_merge_moments(batch, process_group)
-    return batch
+def _renorm_spec(eps: float, r_max: float, d_max: float) -> RenormSpec:
+    # built once per bounds (a spec costs more to build than a small layer's kernel)
+    spec = _RENORM_SPECS.get((eps, r_max, d_max))
+    if spec is None:
+        spec = RenormSpec(("bn",), eps, r_max=r_max, d_max=d_max)
+        if len(_RENORM_SPECS) < 4096:
+            _RENORM_SPECS[(eps, r_max, d_max)] = spec
+    return spec
 
 
 def _check_clip(r_max: float, d_max: float) -> None:
@@ -468,48 +457,20 @@ def renorm_train(
     process_group: Any = None,
 ) -> Tensor:
     r"""One Batch Renormalization training call (arguments validated, ``channel_axis``
-    non-negative): the batch-norm operator with the per-channel affine
-    :math:`(\gamma r, \beta + \gamma d)`, then the paper's running update.
+    non-negative): the spec :class:`normkit._core.RenormSpec`, whose fused kernel computes
+    ``r`` and ``d`` between the moments and the apply (one read of ``x`` forward, as batch
+    norm), then the paper's running update.
 
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and ``d = clip((mu_B - mu) / sigma, -d_max,
     d_max)`` with ``sigma_B = sqrt(var_B + eps)`` (biased batch variance) and ``sigma =
     sqrt(running_var + eps)``; both are constants for autograd. With ``r_max = 1, d_max = 0``
-    the affine is ``gamma``, ``beta`` themselves: batch norm exactly. The running statistics
-    then move as in Ioffe (2017), Algorithm 1: ``mu += momentum * (mu_B - mu)``, ``sigma +=
-    momentum * (sigma_B - sigma)`` (``running_var = sigma^2 - eps``), for channels with more
-    than one valid value.
+    the output and gradients are batch norm's exactly. The running statistics then move as
+    in Ioffe (2017), Algorithm 1: ``mu += momentum * (mu_B - mu)``, ``sigma += momentum *
+    (sigma_B - sigma)`` (``running_var = sigma^2 - eps``), for channels with more than one
+    valid value.
     """
-    _check_small(x, x.shape[channel_axis], weight=weight, bias=bias, running_mean=running_mean,
-                 running_var=running_var)
-    compiling = torch.compiler.is_compiling()
-    batch = _batch_moments(x, channel_axis, mask, process_group)
-    scale, shift = weight, bias
-    with torch.no_grad():  # in the running statistics' dtype: a handful of (C,) operations
-        dtype = running_mean.dtype
-        mean_b, sigma_b = batch.mean[0].to(dtype), batch.var[0].to(dtype).clamp_min_(0.0).add_(eps).sqrt_()
-        sigma = (running_var.clamp_min(0.0) + eps).sqrt_()
-        correct = r_max != 1.0 or d_max != 0.0
-        if correct:
-            like = weight if weight is not None else (bias if bias is not None else x)
-            r = (sigma_b / sigma).clamp_(1.0 / r_max, r_max).to(like.dtype)
-            d = ((mean_b - running_mean) / sigma).clamp_(-d_max, d_max).to(like.dtype)
-    if correct:
-        scale = r if weight is None else weight * r
-        shift = (d if weight is None else weight * d) + (0.0 if bias is None else bias)
-    y = normalize(x, _batch_spec(float(eps)), scale, shift, None, None, None, None, 0.0, channel_axis, mask,
-                  process_group)
-    if momentum:
-        with torch.no_grad():
-            seen = batch.count.expand_as(batch.mean)[0] > 1
-            plain = type(x) in (Tensor, torch.nn.Parameter) and x.device.type == "cpu" and not compiling
-            if plain and mask is None and process_group is None and bool(seen[0]):  # one count for all channels
-                running_mean.lerp_(mean_b, momentum)
-                running_var.copy_(sigma.lerp_(sigma_b, momentum).square_().sub_(eps).clamp_min_(0.0))
-            else:
-                running_mean.copy_(torch.where(seen, running_mean.lerp(mean_b, momentum), running_mean))
-                new_sigma = torch.where(seen, sigma.lerp(sigma_b, momentum), sigma)
-                running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0))
-    return y
+    return run(x, _renorm_spec(float(eps), float(r_max), float(d_max)), weight, bias, None, None, running_mean,
+               running_var, momentum, channel_axis, mask, process_group)
 
 
 def batch_renorm(

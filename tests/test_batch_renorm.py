@@ -100,16 +100,107 @@ def test_no_clipping_room_is_batch_norm_exactly(backend):
     assert float(normkit.BatchRenorm2d(4).renorm_rmax) == 1.0
 
 
-def test_runs_the_batch_norm_operator():
-    """BRN's spec is batch norm's own: the CPU kernel set runs it as the fused operator."""
+def test_runs_its_own_fused_operator():
+    """BRN has its own spec type: the CPU kernel set, written for it, runs it as the fused
+    operator (r and d computed between the moments and the apply: one call, one read of x);
+    a kernel set written for batch norm alone does not take it."""
     if normkit.kernels.load("cpu") is None:
         pytest.skip("the C kernels are not built on this machine")
+    spec = normkit._core.RenormSpec(("bn",), 1e-5, r_max=3.0, d_max=5.0)
+    assert spec.codes == normkit._core.MixSpec(("bn",), 1e-5).codes and spec != normkit._core.MixSpec(("bn",), 1e-5)
+    assert normkit.kernels.select(torch.zeros(1)).runs_layer(spec)
+    assert not normkit.kernels.select(torch.zeros(1))._replace(layer_specs=(normkit._core.MixSpec,)).runs_layer(spec)
     m = normkit.BatchRenorm2d(4, warmup=(0, 0, 0))
     with normkit.use_backend("cpu"):
         y = m(torch.randn(4, 4, 3, 3))
     assert "_LayerFunction" in type(y.grad_fn).__name__
-    assert F._batch_spec(1e-5) == normkit._core.MixSpec(("bn",), 1e-5, True, "bn")
-    assert normkit.kernels.select(torch.zeros(1)).runs_layer(F._batch_spec(1e-5))
+    with pytest.raises(ValueError, match=r"RenormSpec is batch norm in training: sources \('bn',\)"):
+        normkit._core.RenormSpec(("in", "bn"), 1e-5)
+
+
+def test_operator_renorm_opcheck_and_validation():
+    """The renorm arguments of the operators: opcheck (schema, fake, autograd registration) and
+    the refusals that keep the C mixer to the spec it was written for."""
+    if normkit.kernels.load("cpu") is None:
+        pytest.skip("the C kernels are not built on this machine")
+    op = torch.ops.normkit
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    rm, rv = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.3, 4.0, 1.0])
+    args = (x, w, b, None, None, rm, rv, [2], [1], 0, 1e-5, 1, [1.5, 0.5])
+    torch.library.opcheck(op.layer_forward.default, args)
+    y, stats = op.layer_forward(*args)
+    assert stats.shape == (4 * 4 * 3 + 5 * 3,)
+    r, d = stats[-6:-3], stats[-3:]
+    assert float(r.min()) >= 1 / 1.5 and float(r.max()) <= 1.5 and float(d.abs().max()) <= 0.5
+    dy = torch.randn_like(y)
+    back = (dy, x.detach(), stats, w.detach(), None, None, None, None, [2], [1], 0, 1e-5, 1, [True] * 3 + [False] * 2,
+            [1.5, 0.5])
+    torch.library.opcheck(op.layer_backward.default, back)
+    torch.library.opcheck(op.update_running_.default, (rm.clone(), rv.clone(), stats.detach(), 4, 3, 5, 3, 0.1, 1e-5))
+    with pytest.raises(ValueError, match=r"renorm needs the one batch-statistics source kind 2 \(bn\), got kinds \[0\]"):
+        op.layer_forward(x, w, b, None, None, rm, rv, [0], [1], 0, 1e-5, 1, [1.5, 0.5])
+    with pytest.raises(ValueError, match=r"renorm must be \[r_max >= 1, d_max >= 0\], both finite, got \[0.5, 0.0\]"):
+        op.layer_forward(x, w, b, None, None, rm, rv, [2], [1], 0, 1e-5, 1, [0.5, 0.0])
+    with pytest.raises(ValueError, match="running_mean and running_var are required when a source reads running"):
+        op.layer_forward(x, w, b, None, None, None, None, [2], [1], 0, 1e-5, 1, [1.5, 0.5])
+    with pytest.raises(ValueError, match=r"stats must be a contiguous CPU torch.float32 tensor of shape \(63,\)"):
+        op.update_running_(rm.clone(), rv.clone(), stats.detach()[:-6], 4, 3, 5, 3, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_operator_equals_the_reference_path(channels_last):
+    """The C mixer's r, d, output, gradients and the paper's running update against the
+    reference path's, in float32 with the clipping binding, over several steps."""
+    torch.manual_seed(0)
+    layers = {}
+    for name in ("reference", "auto"):
+        m = normkit.BatchRenorm2d(3, warmup=(0, 0, 0), r_max=1.5, d_max=0.5, momentum=0.2)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 1.5, 3))
+            m.bias.copy_(torch.linspace(-0.3, 0.3, 3))
+            m.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+            m.running_var.copy_(torch.tensor([0.3, 4.0, 1.0]))
+        layers[name] = m
+    for step in range(3):
+        x = torch.randn(4, 3, 5, 6) * (1 + step) + step
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        g = torch.randn_like(x)
+        got = {}
+        for name, m in layers.items():
+            xi = x.clone().requires_grad_()
+            with normkit.use_backend(name):
+                y = m(xi)
+            got[name] = (y, *torch.autograd.grad(y, [xi, m.weight, m.bias], g))
+        for a, e in zip(got["auto"], got["reference"]):
+            torch.testing.assert_close(a, e, rtol=2e-5, atol=2e-5)
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(layers["auto"], key), getattr(layers["reference"], key),
+                                       rtol=1e-6, atol=1e-6)
+
+
+def test_compiles_to_the_fused_operator():
+    """Under torch.compile a training step of BRN keeps ``normkit::layer_forward`` with its
+    renorm arguments and moves the running statistics as in eager mode. (The warm-up reads the
+    step count in Python: one graph break per call, so not ``fullgraph``.)"""
+    if normkit.kernels.load("cpu") is None:
+        pytest.skip("the C kernels are not built on this machine")
+    torch.manual_seed(0)
+    eager, compiled = (normkit.BatchRenorm2d(3, warmup=(0, 0, 0), momentum=0.3) for _ in range(2))
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    fn = torch.compile(compiled, backend=backend)
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 5) * 2 + 1
+        torch.testing.assert_close(fn(x), eager(x), rtol=1e-6, atol=1e-6)
+    assert any("normkit.layer_forward" in t for t in seen) and any("update_running_" in t for t in seen)
+    torch.testing.assert_close(compiled.running_var, eager.running_var, rtol=1e-6, atol=1e-6)
 
 
 def test_warmup_schedule_and_resume():
@@ -167,6 +258,45 @@ def test_masked_and_channels_last(axis, backend):
     twin = _layer(3, r_max=1.5, d_max=0.5)
     x4 = torch.randn(3, 3, 4, 5, dtype=DOUBLE) + 1
     torch.testing.assert_close(m2(x4.contiguous(memory_format=torch.channels_last)), twin(x4), rtol=1e-12, atol=1e-12)
+
+
+def test_warmup_bounds_follow_every_change_of_the_buffers():
+    """The layer remembers the step and bounds it wrote; a load_state_dict, reset, fill_,
+    reassignment, deepcopy or pickle of the buffers is seen, and the bounds are always the
+    schedule's at the current step."""
+    import copy
+    import pickle
+
+    def check(m):
+        assert (float(m.renorm_rmax), float(m.renorm_dmax)) == m._clip_at(int(m.renorm_step))
+
+    m = normkit.BatchRenorm2d(3, warmup=(2, 6, 4))
+    x = torch.randn(4, 3, 2, 2)
+    for _ in range(3):
+        m(x)
+        check(m)
+    saved = copy.deepcopy(m.state_dict())
+    for _ in range(3):
+        m(x)
+    m.load_state_dict(saved)
+    m(x)
+    assert int(m.renorm_step) == 4
+    check(m)
+    m.renorm_rmax.fill_(9.0)
+    m(x)
+    check(m)
+    m.renorm_step = torch.tensor(0)
+    m(x)
+    assert int(m.renorm_step) == 1
+    check(m)
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        clone(x)
+        assert int(clone.renorm_step) == 2
+        check(clone)
+    m.reset_running_stats()
+    m(x)
+    assert int(m.renorm_step) == 1
+    check(m)
 
 
 def test_gradcheck_with_active_correction():

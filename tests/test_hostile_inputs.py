@@ -49,11 +49,14 @@ def lb(dy=None, x=None, stats=None, w=None, mw=None, vw=None, rm=None, rv=None, 
     dy = torch.randn_like(x) if dy is None else dy
     return op.layer_backward(dy, x, stats, w, mw, vw, rm, rv, list(kinds), list(groups), cm, eps, axis, list(om))
 
-def ur(rm=None, rv=None, stats=None, n=2, c=4, l=3, track=1, mom=0.1):
+def ur(rm=None, rv=None, stats=None, n=2, c=4, l=3, track=1, mom=0.1, eps=None):
     rm = torch.zeros(4) if rm is None else rm
     rv = torch.ones(4) if rv is None else rv
     stats = torch.zeros(44) if stats is None else stats
-    op.update_running_(rm, rv, stats, n, c, l, track, mom)
+    if eps is None:  # the schema's default
+        op.update_running_(rm, rv, stats, n, c, l, track, mom)
+    else:
+        op.update_running_(rm, rv, stats, n, c, l, track, mom, eps)
     return rm, rv
 
 def sn(**kw):
@@ -244,7 +247,11 @@ RAW = {
     # update_running_
     "ur_ok": ("ur()", "OK", ""),
     "ur_track0": ("ur(track=0)", VE, "track must be 1"),
-    "ur_track3": ("ur(track=3)", VE, "track must be 1"),
+    "ur_track4": ("ur(track=4)", VE, r"track must be 1 \(bn\), 2 \(in\) or 3 \(renorm\)"),
+    "ur_track3_short_stats": ("ur(track=3, eps=1e-5)", VE, r"stats " + _SHAPE + r" \(52,\)"),
+    "ur_track3_eps0": ("ur(track=3, stats=torch.zeros(52))", VE, "eps must be finite and > 0 for the renorm update"),
+    "ur_track3_eps_nan": ("ur(track=3, stats=torch.zeros(52), eps=float('nan'))", VE, "eps must be finite and > 0"),
+    "ur_track3_ok": ("ur(track=3, stats=torch.zeros(52), eps=1e-5)", "OK", ""),
     "ur_n0": ("ur(n=0)", VE, "n, c, length >= 1"),
     "ur_n_neg": ("ur(n=-1)", VE, "n, c, length >= 1"),
     "ur_l0": ("ur(l=0)", VE, "n, c, length >= 1"),

@@ -30,7 +30,7 @@ from normkit._core.moments import (
 )
 from normkit._core.sources import VALID_SOURCES_TEXT, parse_sources, source_code, source_moments
 from normkit._core.sparsestmax import max_radius, sparsemax, sparsestmax, sparsestmax_weights
-from normkit._core.spec import MixSpec, apply_affine, mix, spec_from_codes, update_running
+from normkit._core.spec import MixSpec, RenormSpec, apply_affine, mix, renorm_correction, spec_from_codes, update_running
 from normkit._core.weights import softmax_weights
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "Moments",
     "MixSpec",
+    "RenormSpec",
     "VALID_SOURCES_TEXT",
     "apply_affine",
     "broadcast_mask",
@@ -56,6 +57,7 @@ __all__ = [
     "normalize_axis",
     "parse_sources",
     "reduce_dims",
+    "renorm_correction",
     "source_code",
     "sparsemax",
     "sparsestmax",

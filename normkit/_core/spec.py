@@ -11,7 +11,7 @@ that ignores them. The mix takes importance *weights* ``(K,)``; turning logits i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch import Tensor
 from normkit._core.moments import Moments, expand_stat, merge_moments
 from normkit._core.sources import source_code, source_moments
 
-__all__ = ["MixSpec", "apply_affine", "mix", "spec_from_codes", "update_running"]
+__all__ = ["MixSpec", "RenormSpec", "apply_affine", "mix", "renorm_correction", "spec_from_codes", "update_running"]
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,92 @@ class MixSpec:
         """This normalization's mix (see :func:`mix`); a spec with its own maths overrides it."""
         return mix(self, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var, merge_batch)
 
+    def update(self, tracked: Moments, running_mean: Tensor, running_var: Tensor, momentum: float) -> None:
+        """Move the running statistics from ``tracked`` (see :func:`update_running`)."""
+        update_running(tracked, running_mean, running_var, momentum, self.running)
+
     @property
     def codes(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """``(kinds, groups, constant_mask)``: this spec in the compiled mixer's terms."""
         return self._codes  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class RenormSpec(MixSpec):
+    r"""Batch Renormalization in training (Ioffe, NeurIPS 2017): batch norm with the batch
+    statistics, corrected towards the running ones by
+    :math:`r = \mathrm{clip}_{[1/r_{max}, r_{max}]}(\sigma_B / \sigma)` and
+    :math:`d = \mathrm{clip}_{[-d_{max}, d_{max}]}((\mu_B - \mu) / \sigma)`, constants for
+    autograd: ``y = gamma (r (x - mu_B) / sigma_B + d) + beta`` with ``sigma_B = sqrt(var_B +
+    eps)`` (biased) and ``sigma = sqrt(running_var + eps)``. It reads the running statistics
+    and then moves them (:meth:`update`, the paper's Algorithm 1). Its own type, so only
+    kernels written for it serve it; its :attr:`codes` are batch norm's.
+
+    Build it as ``RenormSpec(("bn",), eps, r_max=..., d_max=...)``.
+    """
+
+    r_max: float = 1.0
+    d_max: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.sources != ("bn",) or not self.batch_stats or self.running != "bn":
+            raise ValueError(f"RenormSpec is batch norm in training: sources ('bn',), batch_stats True, running "
+                             f"'bn'; got {self.sources}, {self.batch_stats}, {self.running!r}")
+        super().__post_init__()
+
+    @property
+    def reads_running(self) -> bool:
+        return True  # r and d, though no source is a running statistic
+
+    def mix(self, m_in: Moments, mean_weights: Optional[Tensor], var_weights: Optional[Tensor],
+            weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor] = None,
+            running_var: Optional[Tensor] = None, merge_batch: Optional[Callable[[Moments], Moments]] = None,
+            correction: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Moments]]:
+        """As :meth:`MixSpec.mix`; ``correction``: ``(r, d)`` already computed (a recomputation
+        after the running statistics moved), else from ``running_mean`` and ``running_var``."""
+        n, c = m_in.mean.shape
+        dtype = m_in.mean.dtype
+        batch = merge_moments(m_in, 0)
+        if merge_batch is not None:
+            batch = merge_batch(batch)
+        if correction is None:
+            if running_mean is None or running_var is None:
+                raise ValueError("running_mean and running_var are required: Batch Renorm corrects towards them")
+            correction = renorm_correction(batch, running_mean, running_var, self.eps, self.r_max, self.d_max)
+        r, d = (t.to(dtype) for t in correction)
+        g = weight.to(dtype) if weight is not None else None
+        # the operations of batch norm's mix with the affine (gamma r, beta + gamma d), so that
+        # r = 1, d = 0 gives batch norm's results bit for bit
+        scale = torch.rsqrt(batch.var + self.eps).expand(n, c) * (r if g is None else g * r)
+        shift = d if g is None else g * d
+        if bias is not None:
+            shift = shift + bias.to(dtype)
+        return batch.mean.expand(n, c), scale, shift.reshape(c), batch
+
+    def update(self, tracked: Moments, running_mean: Tensor, running_var: Tensor, momentum: float) -> None:
+        """The paper's running update: ``mu += momentum (mu_B - mu)``, ``sigma += momentum
+        (sigma_B - sigma)``, stored as ``running_var = max(sigma^2 - eps, 0)``, for channels
+        with more than one value."""
+        with torch.no_grad():
+            dtype = running_mean.dtype
+            seen = (tracked.count.expand_as(tracked.mean) > 1).reshape(-1)
+            mean_b = tracked.mean.reshape(-1).to(dtype)
+            sigma_b = (tracked.var.reshape(-1).to(dtype) + self.eps).sqrt()
+            sigma = (running_var.clamp_min(0.0) + self.eps).sqrt()
+            new_sigma = torch.where(seen, sigma.lerp(sigma_b, momentum), sigma)
+            running_mean.copy_(torch.where(seen, running_mean.lerp(mean_b, momentum), running_mean))
+            running_var.copy_((new_sigma * new_sigma - self.eps).clamp_min(0.0))
+
+
+def renorm_correction(batch: Moments, running_mean: Tensor, running_var: Tensor, eps: float, r_max: float,
+                      d_max: float) -> tuple[Tensor, Tensor]:
+    """Batch Renorm's ``(r, d)``, ``(C,)`` constants in float64 (see :class:`RenormSpec`)."""
+    with torch.no_grad():
+        mean_b, var_b = batch.mean.detach().reshape(-1).double(), batch.var.detach().reshape(-1).double()
+        sigma = (running_var.detach().double().clamp_min(0.0) + eps).sqrt()
+        r = ((var_b + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mean_b - running_mean.detach().double()) / sigma).clamp(-d_max, d_max)
+    return r, d
 
 
 def _running_moments(count: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], c: int,
@@ -194,8 +276,12 @@ def apply_affine(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, channel_ax
 _NAMES = {0: "in", 1: "ln", 2: "bn"}
 
 
-def spec_from_codes(kinds: tuple[int, ...], groups: tuple[int, ...], constant_mask: int, eps: float) -> MixSpec:
-    """The :class:`MixSpec` whose :attr:`MixSpec.codes` are these (the inverse of ``codes``)."""
+def spec_from_codes(kinds: tuple[int, ...], groups: tuple[int, ...], constant_mask: int, eps: float,
+                    renorm: Optional[Sequence[float]] = None) -> MixSpec:
+    """The :class:`MixSpec` whose :attr:`MixSpec.codes` are these (the inverse of ``codes``);
+    with ``renorm = (r_max, d_max)`` the :class:`RenormSpec`."""
+    if renorm:
+        return RenormSpec(("bn",), eps, r_max=float(renorm[0]), d_max=float(renorm[1]))
     sources = tuple(_NAMES.get(k, f"gn{g}") for k, g in zip(kinds, groups))
     running = "in" if sources == ("in",) and constant_mask else "bn"
     return MixSpec(sources, eps, batch_stats=constant_mask == 0, running=running)

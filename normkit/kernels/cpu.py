@@ -48,17 +48,21 @@ class _Fns:
         )
         self.layer_forward = _bind(
             f"nk_layer_forward_{sfx}", _INT,
-            [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _INT],
+            [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _P, _INT],
         )
         self.layer_backward = _bind(
             f"nk_layer_backward_{sfx}", _INT,
-            [_INT, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 6 + [_DBL] + [_P] * 4 + [_INT],
+            [_INT, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 6 + [_DBL, _INT] + [_P] * 4 + [_INT],
         )
 
 
 _FNS = {dtype: _Fns(sfx) for dtype, sfx in _SUFFIX.items()}
 _UPDATE = {
     dtype: _bind(f"nk_update_running_{sfx}", None, [_I64, _I64, _I64, _INT, _P, _P, _DBL, _P, _P])
+    for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"))
+}
+_UPDATE_RENORM = {
+    dtype: _bind(f"nk_update_renorm_{sfx}", None, [_I64, _I64, _P, _P, _DBL, _DBL, _P, _P])
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"))
 }
 
@@ -224,55 +228,57 @@ class _Plan(NamedTuple):
     groups: object  # ctypes int64 array
     k: int
     need_moments: int  # 0 when every statistic comes from the running averages
+    renorm: object  # ctypes double[2] (r_max, d_max) of Batch Renorm, or None
 
 
 _PLANS: dict[tuple, _Plan] = {}
 
 
-def _plan(kinds, groups, constant_mask: int) -> _Plan:
-    key = (tuple(kinds), tuple(groups), constant_mask)
+def _plan(kinds, groups, constant_mask: int, renorm=None) -> _Plan:
+    key = (tuple(kinds), tuple(groups), constant_mask, tuple(renorm) if renorm else None)
     plan = _PLANS.get(key)
     if plan is None:
         k = len(kinds)
         plan = _Plan((ctypes.c_int * k)(*kinds), (ctypes.c_int64 * k)(*groups), k,
-                     int(constant_mask != (1 << k) - 1))
+                     int(constant_mask != (1 << k) - 1), (ctypes.c_double * 2)(*renorm) if renorm else None)
         if len(_PLANS) < 4096:
             _PLANS[key] = plan
     return plan
 
 
-def stats_size(n: int, c: int) -> int:
+def stats_size(n: int, c: int, renorm: bool = False) -> int:
     """Entries of the statistics buffer: mean, var, mu, scale (N*C each); shift, batch
-    mean, batch var (C each)."""
-    return 4 * n * c + 3 * c
+    mean, batch var (C each); with Batch Renorm its r and d (C each)."""
+    return 4 * n * c + (5 if renorm else 3) * c
 
 
 def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                  constant_mask, eps, axis, layout=None):
-    """One C call: moments, mix, apply (``layout``: x's, when the caller has it)."""
+                  constant_mask, eps, axis, renorm=None, layout=None):
+    """One C call: moments, mix, apply (``layout``: x's, when the caller has it; ``renorm``:
+    Batch Renorm's ``(r_max, d_max)``, which reads ``running_mean`` and ``running_var``)."""
     nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
-    plan = _plan(kinds, groups, constant_mask)
-    stats = torch.empty(stats_size(n, c), dtype=stat_dtype(x.dtype))
+    plan = _plan(kinds, groups, constant_mask, renorm)
+    stats = torch.empty(stats_size(n, c, bool(renorm)), dtype=stat_dtype(x.dtype))
     y = torch.empty_like(x)
     _check(_FNS[x.dtype].layer_forward(
         nlc, x.data_ptr(), y.data_ptr(), n, c, length, plan.k, plan.kinds, plan.groups, constant_mask,
         plan.need_moments, stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
-        _ptr(running_var), _ptr(weight), _ptr(bias), eps, torch.get_num_threads()), "forward")
+        _ptr(running_var), _ptr(weight), _ptr(bias), eps, plan.renorm, torch.get_num_threads()), "forward")
     return y, stats
 
 
 def layer_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                   constant_mask, eps, axis, output_mask, layout=None):
-    """One C call: the two backward sums, the closed-form mix backward, dx. Gradients not
-    asked for in ``output_mask`` come back empty."""
+                   constant_mask, eps, axis, output_mask, renorm=None, layout=None):
+    """One C call: the two backward sums, the closed-form mix backward, dx (Batch Renorm's r
+    and d come from ``stats``). Gradients not asked for in ``output_mask`` come back empty."""
     grads = layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds,
-                                  groups, constant_mask, eps, axis, output_mask, layout)
+                                  groups, constant_mask, eps, axis, output_mask, renorm, layout)
     return tuple(x.new_empty(0, dtype=kind) if g is None else g
                  for g, kind in zip(grads, (x.dtype, stats.dtype, stats.dtype, torch.float64, torch.float64)))
 
 
 def layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                          constant_mask, eps, axis, output_mask, layout=None):
+                          constant_mask, eps, axis, output_mask, renorm=None, layout=None):
     """:func:`layer_backward` with None for each gradient not asked for (no allocation)."""
     nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
     dtype = stats.dtype
@@ -289,15 +295,21 @@ def layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, runni
     _check(_FNS[x.dtype].layer_backward(
         nlc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, length, k, plan.kinds, plan.groups, constant_mask,
         stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
-        eps, _ptr(dw), _ptr(db), _ptr(dmw), _ptr(dvw), torch.get_num_threads()), "backward")
+        eps, int(bool(renorm)), _ptr(dw), _ptr(db), _ptr(dmw), _ptr(dvw), torch.get_num_threads()), "backward")
     return dx, dw, db, dmw, dvw
 
 
-def update_running(running_mean, running_var, stats, n, c, length, track, momentum) -> None:
+def update_running(running_mean, running_var, stats, n, c, length, track, momentum, eps=0.0) -> None:
     """Move the running averages in place: track 1 from the batch statistics in ``stats``
-    (over N*L values), track 2 from the per-sample moments averaged over samples."""
+    (over N*L values), track 2 from the per-sample moments averaged over samples, track 3
+    Batch Renorm's rule from the batch statistics (``eps`` its variance shift)."""
     base = stats.data_ptr()
     item = stats.element_size()
+    if track == 3:
+        mean, var = base + (4 * n * c + c) * item, base + (4 * n * c + 2 * c) * item
+        _UPDATE_RENORM[stats.dtype](c, n * length, mean, var, momentum, eps, running_mean.data_ptr(),
+                                    running_var.data_ptr())
+        return
     if track == 1:
         mean, var, rows, count = base + (4 * n * c + c) * item, base + (4 * n * c + 2 * c) * item, 0, n * length
     else:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _len_torch_dispatch_stack
 
-from normkit._core import MixSpec, Moments, apply_affine, mix, moments, spec_from_codes, stat_dtype
+from normkit._core import MixSpec, Moments, RenormSpec, apply_affine, mix, moments, spec_from_codes, stat_dtype
 from normkit.kernels import cpu
 from normkit.kernels._protocol import KernelSet
 
@@ -40,19 +40,21 @@ _lib = torch.library.Library("normkit", "DEF")
 _lib.define(
     "layer_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean_weights, Tensor? var_weights, "
     "Tensor? running_mean, Tensor? running_var, int[] kinds, int[] groups, int constant_mask, float eps, "
-    "int axis) -> (Tensor, Tensor)"
+    "int axis, float[]? renorm=None) -> (Tensor, Tensor)"
 )
 _lib.define(
     "update_running_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor stats, int n, int c, int length, "
-    "int track, float momentum) -> ()"
+    "int track, float momentum, float eps=0.0) -> ()"
 )
 _lib.define(
     "layer_backward(Tensor dy, Tensor x, Tensor stats, Tensor? weight, Tensor? mean_weights, "
     "Tensor? var_weights, Tensor? running_mean, Tensor? running_var, int[] kinds, int[] groups, "
-    "int constant_mask, float eps, int axis, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "int constant_mask, float eps, int axis, bool[] output_mask, float[]? renorm=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 _TRACK = {None: 0, "bn": 1, "in": 2}
+_RENORM_TRACK = 3
 
 
 # ---- validation ----------------------------------------------------------------------------
@@ -60,10 +62,11 @@ _TRACK = {None: 0, "bn": 1, "in": 2}
 _VALID_SPECS: set = set()
 
 
-def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float) -> None:
+def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float, renorm=None) -> None:
     # A pure function of these values, so checked once per spec and channel count (symbolic
     # sizes under tracing are not hashable: checked every time).
-    key = (c, tuple(kinds), tuple(groups), constant_mask, eps) if type(c) is int else None
+    key = (c, tuple(kinds), tuple(groups), constant_mask, eps, tuple(renorm) if renorm else None) \
+        if type(c) is int else None
     if key in _VALID_SPECS:
         return
     k = len(kinds)
@@ -78,12 +81,18 @@ def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float) -> Non
         raise ValueError(f"constant_mask {constant_mask} must mark only in/bn sources among {k}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be finite and > 0, got {eps}")
+    if renorm:
+        if len(renorm) != 2 or not (1.0 <= renorm[0] < math.inf and 0.0 <= renorm[1] < math.inf):
+            raise ValueError(f"renorm must be [r_max >= 1, d_max >= 0], both finite, got {list(renorm)}")
+        if tuple(kinds) != (2,) or constant_mask:
+            raise ValueError(f"renorm needs the one batch-statistics source kind 2 (bn), got kinds {list(kinds)} "
+                             f"and constant_mask {constant_mask}")
     if key is not None and len(_VALID_SPECS) < 4096:
         _VALID_SPECS.add(key)
 
 
 def _validate_small(x: Tensor, c: int, k: int, weight, bias, mean_weights, var_weights, running_mean,
-                    running_var, constant_mask: int) -> None:
+                    running_var, constant_mask: int, renorm=None) -> None:
     dtype = stat_dtype(x.dtype)
     for t, name, size, kind in ((weight, "weight", c, dtype), (bias, "bias", c, dtype),
                                 (mean_weights, "mean_weights", k, torch.float64),
@@ -93,27 +102,31 @@ def _validate_small(x: Tensor, c: int, k: int, weight, bias, mean_weights, var_w
             cpu._stat(t, name, (size,), kind)
     if k > 1 and (mean_weights is None or var_weights is None):
         raise ValueError(f"mean_weights and var_weights of shape ({k},) are required with {k} sources")
-    if constant_mask and (running_mean is None or running_var is None):
-        raise ValueError("running_mean and running_var are required when a source reads running averages")
+    if (constant_mask or renorm) and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var are required when a source reads running averages "
+                         "or with renorm")
 
 
 def _validate_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                      constant_mask, eps, axis) -> tuple[int, int, int, int]:
+                      constant_mask, eps, axis, renorm=None) -> tuple[int, int, int, int]:
     layout = cpu.check_pass_input(x, axis)
     c = layout[2]
-    _validate_spec(c, kinds, groups, constant_mask, eps)
+    _validate_spec(c, kinds, groups, constant_mask, eps, renorm)
     _validate_small(x, c, len(kinds), weight, bias, mean_weights, var_weights, running_mean, running_var,
-                    constant_mask)
+                    constant_mask, renorm)
     return layout
 
 
-def _validate_update(running_mean, running_var, stats, n, c, length, track, momentum) -> None:
-    if track not in (1, 2) or min(n, c, length) < 1:
-        raise ValueError(f"track must be 1 (bn) or 2 (in) and n, c, length >= 1, got {track}, {n}, {c}, {length}")
+def _validate_update(running_mean, running_var, stats, n, c, length, track, momentum, eps) -> None:
+    if track not in (1, 2, _RENORM_TRACK) or min(n, c, length) < 1:
+        raise ValueError(f"track must be 1 (bn), 2 (in) or 3 (renorm) and n, c, length >= 1, got {track}, {n}, {c}, "
+                         f"{length}")
+    if track == _RENORM_TRACK and not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0 for the renorm update, got {eps}")
     dtype = stats.dtype if isinstance(stats, Tensor) else None
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"stats must be a float32 or float64 tensor, got {dtype}")
-    cpu._stat(stats, "stats", (cpu.stats_size(n, c),), dtype)
+    cpu._stat(stats, "stats", (cpu.stats_size(n, c, track == _RENORM_TRACK),), dtype)
     cpu._stat(running_mean, "running_mean", (c,), dtype)
     cpu._stat(running_var, "running_var", (c,), dtype)
     if not (isinstance(momentum, float) and 0.0 <= momentum <= 1.0):
@@ -131,13 +144,14 @@ def _validate_dy(dy, x) -> None:
 
 
 def _validate_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                       constant_mask, eps, axis, output_mask) -> None:
+                       constant_mask, eps, axis, output_mask, renorm=None) -> None:
     _, n, c, _ = cpu.check_pass_input(x, axis)
     _validate_dy(dy, x)
-    _validate_spec(c, kinds, groups, constant_mask, eps)
+    _validate_spec(c, kinds, groups, constant_mask, eps, renorm)
+    # renorm's backward reads r and d from stats, not the running statistics
     _validate_small(x, c, len(kinds), weight, None, mean_weights, var_weights, running_mean, running_var,
                     constant_mask)
-    cpu._stat(stats, "stats", (cpu.stats_size(n, c),), stat_dtype(x.dtype))
+    cpu._stat(stats, "stats", (cpu.stats_size(n, c, bool(renorm)),), stat_dtype(x.dtype))
     if len(output_mask) != 5:
         raise ValueError(f"output_mask must have 5 entries (dx, dweight, dbias, dmean_weights, dvar_weights), "
                          f"got {len(output_mask)}")
@@ -146,31 +160,32 @@ def _validate_backward(dy, x, stats, weight, mean_weights, var_weights, running_
 # ---- kernels -------------------------------------------------------------------------------
 
 def _layer_forward_cpu(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                       constant_mask, eps, axis):
+                       constant_mask, eps, axis, renorm=None):
     args = (x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups, constant_mask,
-            eps, axis)
+            eps, axis, renorm)
     layout = _validate_forward(*args)
     return cpu.layer_forward(*args, layout=layout)
 
 
-def _update_running_cpu(running_mean, running_var, stats, n, c, length, track, momentum):
-    _validate_update(running_mean, running_var, stats, n, c, length, track, momentum)
-    cpu.update_running(running_mean, running_var, stats, n, c, length, track, momentum)
+def _update_running_cpu(running_mean, running_var, stats, n, c, length, track, momentum, eps=0.0):
+    _validate_update(running_mean, running_var, stats, n, c, length, track, momentum, eps)
+    cpu.update_running(running_mean, running_var, stats, n, c, length, track, momentum, eps)
     torch.autograd.graph.increment_version(running_mean)
     torch.autograd.graph.increment_version(running_var)
 
 
 @torch.library.register_fake("normkit::update_running_", lib=_lib)
-def _update_running_fake(running_mean, running_var, stats, n, c, length, track, momentum):
+def _update_running_fake(running_mean, running_var, stats, n, c, length, track, momentum, eps=0.0):
     _same_device(stats, running_mean=running_mean, running_var=running_var)
-    if tuple(running_mean.shape) != (c,) or tuple(running_var.shape) != (c,) or tuple(stats.shape) != (4 * n * c + 3 * c,):
-        raise ValueError(f"running_mean and running_var must have shape ({c},) and stats ({4 * n * c + 3 * c},)")
+    size = cpu.stats_size(n, c, track == _RENORM_TRACK)
+    if tuple(running_mean.shape) != (c,) or tuple(running_var.shape) != (c,) or tuple(stats.shape) != (size,):
+        raise ValueError(f"running_mean and running_var must have shape ({c},) and stats ({size},)")
 
 
 def _layer_backward_cpu(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                        constant_mask, eps, axis, output_mask):
+                        constant_mask, eps, axis, output_mask, renorm=None):
     args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-            constant_mask, eps, axis, output_mask)
+            constant_mask, eps, axis, output_mask, renorm)
     _validate_backward(*args)
     return cpu.layer_backward(*args)
 
@@ -183,11 +198,12 @@ def _same_device(x: Tensor, **tensors) -> None:
             raise ValueError(f"{name} must be on the input's device {x.device}, got {got}")
 
 
-def _fake_shapes(x: Tensor, axis: int, kinds, groups, constant_mask: int, eps: float, **tensors) -> tuple[int, int]:
+def _fake_shapes(x: Tensor, axis: int, kinds, groups, constant_mask: int, eps: float, renorm=None,
+                 **tensors) -> tuple[int, int]:
     if not 0 < axis < x.dim():
         raise ValueError(f"axis must be a channel axis in [1, {x.dim() - 1}], got {axis}")
     n, c = x.shape[0], x.shape[axis]
-    _validate_spec(c, kinds, groups, constant_mask, eps)
+    _validate_spec(c, kinds, groups, constant_mask, eps, renorm)
     for name, t in tensors.items():
         size = len(kinds) if name.endswith("weights") else c
         if t is not None and tuple(t.shape) != (size,):
@@ -197,23 +213,26 @@ def _fake_shapes(x: Tensor, axis: int, kinds, groups, constant_mask: int, eps: f
 
 @torch.library.register_fake("normkit::layer_forward", lib=_lib)
 def _layer_forward_fake(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                        constant_mask, eps, axis):
+                        constant_mask, eps, axis, renorm=None):
     small = dict(weight=weight, bias=bias, mean_weights=mean_weights, var_weights=var_weights,
                  running_mean=running_mean, running_var=running_var)
     _same_device(x, **small)
-    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, **small)
-    return torch.empty_like(x), x.new_empty(4 * n * c + 3 * c, dtype=stat_dtype(x.dtype))
+    if renorm and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var are required with renorm")
+    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, renorm, **small)
+    return torch.empty_like(x), x.new_empty(cpu.stats_size(n, c, bool(renorm)), dtype=stat_dtype(x.dtype))
 
 
 @torch.library.register_fake("normkit::layer_backward", lib=_lib)
 def _layer_backward_fake(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                         constant_mask, eps, axis, output_mask):
+                         constant_mask, eps, axis, output_mask, renorm=None):
     small = dict(weight=weight, mean_weights=mean_weights, var_weights=var_weights, running_mean=running_mean,
                  running_var=running_var)
     _same_device(x, dy=dy, stats=stats, **small)
-    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, **small)
-    if dy.shape != x.shape or tuple(stats.shape) != (4 * n * c + 3 * c,) or len(output_mask) != 5:
-        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, stats ({4 * n * c + 3 * c},) entries and "
+    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, renorm, **small)
+    size = cpu.stats_size(n, c, bool(renorm))
+    if dy.shape != x.shape or tuple(stats.shape) != (size,) or len(output_mask) != 5:
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, stats ({size},) entries and "
                          f"output_mask 5, got {tuple(dy.shape)}, {tuple(stats.shape)}, {len(output_mask)}")
     k, dtype = len(kinds), stats.dtype
     sizes = (c, c, k if k > 1 else 0, k if k > 1 else 0)
@@ -227,22 +246,25 @@ def _layer_backward_fake(dy, x, stats, weight, mean_weights, var_weights, runnin
 
 class _LayerFunction(torch.autograd.Function):
     """The autograd node of ``normkit::layer_forward``. The operator's non-tensor arguments
-    travel as one tuple ``codes = (kinds, groups, constant_mask, eps, axis)``: each argument of
-    ``apply`` costs autograd a check, and on small inputs that overhead is the bulk of a call."""
+    travel as one tuple ``codes = (kinds, groups, constant_mask, eps, axis, renorm)``: each
+    argument of ``apply`` costs autograd a check, and on small inputs that overhead is the bulk
+    of a call."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weights, var_weights, running_mean, running_var, codes,
                 direct=False):  # type: ignore[override]
-        kinds, groups, constant_mask, eps, axis = codes
+        kinds, groups, constant_mask, eps, axis, renorm = _full_codes(codes)
         args = (x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups, constant_mask,
-                eps, axis)
+                eps, axis, renorm)
         if direct:
             y, stats = _layer_forward_cpu(*args)
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 y, stats = torch.ops.normkit.layer_forward(*args)
-        ctx.codes = codes
+        ctx.codes = (kinds, groups, constant_mask, eps, axis, renorm)
         ctx.direct = direct
+        if not constant_mask:  # renorm reads running statistics that move right after; its r, d are in stats
+            running_mean = running_var = None
         ctx.save_for_backward(x, stats, weight, bias, mean_weights, var_weights, running_mean, running_var)
         ctx.mark_non_differentiable(stats)
         return y, stats
@@ -250,15 +272,15 @@ class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dstats):  # type: ignore[override]
         x, stats, weight, bias, mean_weights, var_weights, running_mean, running_var = ctx.saved_tensors
-        kinds, groups, constant_mask, eps, axis = ctx.codes
+        kinds, groups, constant_mask, eps, axis, renorm = ctx.codes
         need = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
-            spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps)
+            spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps, renorm)
             grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights,
-                                            running_mean, running_var, need)
+                                            running_mean, running_var, need, stats)
         else:
             args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                    constant_mask, eps, axis, need)
+                    constant_mask, eps, axis, need, renorm)
             # A batched dy (torch's batched-gradient checks) needs the dispatcher's vmap fallback.
             if ctx.direct and _is_dense_cpu(dy):
                 # Everything but dy was validated by the forward and saved (autograd's version
@@ -271,15 +293,26 @@ class _LayerFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def _full_codes(codes: tuple) -> tuple:
+    """``codes`` with ``renorm`` (None when the caller left the schema's default out)."""
+    return codes if len(codes) == 6 else (*codes, None)
+
+
 def differentiable_backward(spec: MixSpec, axis: int, dy: Tensor, x: Tensor, weight, bias, mean_weights,
-                            var_weights, running_mean, running_var, need) -> list:
+                            var_weights, running_mean, running_var, need, stats: Tensor) -> list:
     """Gradients by autograd through the reference maths (a graph when grad mode is on):
-    double backward, and batched gradients under ``torch.func`` transforms."""
+    double backward, and batched gradients under ``torch.func`` transforms. Batch Renorm's
+    ``r`` and ``d`` are the forward's, from ``stats``."""
     inputs = (x, weight, bias, mean_weights, var_weights)
     wanted = [t for t, want in zip(inputs, need) if want and t is not None]
     with torch.enable_grad():
-        mu, scale, shift, _ = mix(spec, moments(x, axis), mean_weights, var_weights, weight, bias, running_mean,
-                                  running_var)
+        m_in = moments(x, axis)
+        if isinstance(spec, RenormSpec):
+            n, c = x.shape[0], x.shape[axis]
+            r, d = stats.detach()[4 * n * c + 3 * c:].view(2, c)
+            mu, scale, shift, _ = spec.mix(m_in, None, None, weight, bias, correction=(r, d))
+        else:
+            mu, scale, shift, _ = mix(spec, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
         y = apply_affine(x, mu, scale, shift, axis)
     found = iter(torch.autograd.grad(y, wanted, dy, create_graph=torch.is_grad_enabled(), allow_unused=True))
     return [next(found) if want and t is not None else None for t, want in zip(inputs, need)]
@@ -329,6 +362,7 @@ def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weig
     them), else None."""
     kinds, groups, constant_mask = spec.codes
     eps = float(spec.eps)
+    renorm = [spec.r_max, spec.d_max] if type(spec) is RenormSpec else None
     dtype = stat_dtype(x.dtype)
     weight, bias = _as_stat(weight, dtype), _as_stat(bias, dtype)
     if len(kinds) == 1:
@@ -336,19 +370,19 @@ def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weig
     else:
         mean_weights, var_weights = _as_stat(mean_weights, torch.float64), _as_stat(var_weights, torch.float64)
     read_mean = read_var = None
-    if constant_mask:
+    if constant_mask or renorm:
         read_mean, read_var = _as_stat(_detached(running_mean), dtype), _as_stat(_detached(running_var), dtype)
     eager = _plain_eager(x)
     if not eager:
         y, stats = torch.ops.normkit.layer_forward(x, weight, bias, mean_weights, var_weights, read_mean, read_var,
-                                                   kinds, groups, constant_mask, eps, axis)
+                                                   kinds, groups, constant_mask, eps, axis, renorm)
     elif torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(weight, bias, mean_weights, var_weights)):
         y, stats = _LayerFunction.apply(x, weight, bias, mean_weights, var_weights, read_mean, read_var,
-                                        (kinds, groups, constant_mask, eps, axis), True)
+                                        (kinds, groups, constant_mask, eps, axis, renorm), True)
     else:
         y, stats = _layer_forward_cpu(x, weight, bias, mean_weights, var_weights, read_mean, read_var, kinds, groups,
-                                      constant_mask, eps, axis)
-    track = _TRACK[spec.tracked]
+                                      constant_mask, eps, axis, renorm)
+    track = _RENORM_TRACK if renorm else _TRACK[spec.tracked]
     if not track or running_mean is None or running_var is None:
         return y, None
     n, c = x.shape[0], x.shape[axis]
@@ -356,13 +390,13 @@ def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weig
     if running_mean.dtype == dtype and running_var.dtype == dtype and running_mean.is_contiguous() \
             and running_var.is_contiguous():
         if eager:
-            _update_running_cpu(running_mean, running_var, stats, n, c, length, track, float(momentum))
+            _update_running_cpu(running_mean, running_var, stats, n, c, length, track, float(momentum), eps)
         else:
             torch.ops.normkit.update_running_(running_mean, running_var, stats.detach(), n, c, length, track,
-                                              float(momentum))
+                                              float(momentum), eps)
         return y, None
     stats = stats.detach()
-    if track == 1:  # running statistics of another dtype: the caller moves them
+    if track != 2:  # running statistics of another dtype: the caller moves them
         offset = 4 * n * c + c
         mean, var = stats[offset:offset + c].view(1, c), stats[offset + c:offset + 2 * c].view(1, c)
         return y, Moments(stats.new_full((1, c), float(n * length)), mean, var)
@@ -381,4 +415,4 @@ def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
-CPU_KERNELS: KernelSet = cpu.CPU_KERNELS._replace(layer_specs=(MixSpec,), layer=layer_norm_op)
+CPU_KERNELS: KernelSet = cpu.CPU_KERNELS._replace(layer_specs=(MixSpec, RenormSpec), layer=layer_norm_op)

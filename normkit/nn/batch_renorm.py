@@ -37,11 +37,11 @@ class _BatchRenorm(NormBase):
         d = \mathrm{clip}_{[-d_{max},\, d_{max}]}\frac{\mu_B - \mu}{\sigma}
 
     with ``r`` and ``d`` constants in backward (the gradient is batch norm's, scaled by ``r``).
-    It is computed as normkit's batch norm with the per-channel affine :math:`(\gamma r,\ \beta
-    + \gamma d)`, so the BN kernels and operators serve it; the correction costs one extra read
-    of ``x`` for the batch statistics (none while ``r_max = 1, d_max = 0``) and a few ``(C,)``
-    vector operations. With ``r_max = 1, d_max = 0`` the output and gradients are batch
-    norm's exactly. In eval: :math:`y = \gamma (x - \mu) / \sigma + \beta`.
+    Its spec is :class:`normkit._core.RenormSpec`: batch norm with the per-channel affine
+    :math:`(\gamma r,\ \beta + \gamma d)`, which the fused CPU operator computes between the
+    moments and the apply (one call and one read of ``x`` forward, as batch norm; ``r`` and
+    ``d`` are kept for the backward). With ``r_max = 1, d_max = 0`` the output and gradients
+    are batch norm's exactly. In eval: :math:`y = \gamma (x - \mu) / \sigma + \beta`.
 
     **Running statistics** move as in the paper's Algorithm 1, once per training call:
     :math:`\mu \leftarrow \mu + \alpha (\mu_B - \mu)`, :math:`\sigma \leftarrow \sigma +
@@ -187,14 +187,37 @@ class _BatchRenorm(NormBase):
         if self.renorm_step.is_meta or isinstance(self.renorm_step, FakeTensor):  # no values: the initial bounds
             rmax, dmax = self._clip_at(0)
         elif torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():  # one warm-up step
-            self.renorm_step.add_(1)
-            rmax, dmax = self._clip_at(int(self.renorm_step))
-            self.renorm_rmax.fill_(rmax)
-            self.renorm_dmax.fill_(dmax)
+            rmax, dmax = self._advance()
         else:
             rmax, dmax = float(self.renorm_rmax), float(self.renorm_dmax)
         return F.renorm_train(x, self.weight, self.bias, self.running_mean, self.running_var, rmax, dmax, factor,
                               self.eps, axis, mask, group)
+
+    def _advance(self) -> tuple[float, float]:
+        """One warm-up step: ``renorm_step += 1`` and the bounds of the new step.
+
+        The step and bounds last written are remembered with the buffers' version counters,
+        which every in-place change (``load_state_dict``, ``reset_running_stats``, a user's
+        ``fill_``) bumps: while they match, the step is known without reading the buffer
+        back and unchanged bounds are not written again (on small inputs each of those tensor
+        operations costs a tenth of the layer)."""
+        step_t, rmax_t, dmax_t = self.renorm_step, self.renorm_rmax, self.renorm_dmax
+        cached = self.__dict__.get("_renorm_cache")  # (the three buffers, their versions, step, bounds)
+        hit = cached is not None and cached[0] is step_t and cached[1] is rmax_t and cached[2] is dmax_t \
+            and cached[3] == (step_t._version, rmax_t._version, dmax_t._version)
+        step = cached[4] + 1 if hit else int(step_t) + 1
+        step_t.add_(1)
+        bounds = self._clip_at(step)
+        if not hit or cached[5] != bounds:
+            rmax_t.fill_(bounds[0])
+            dmax_t.fill_(bounds[1])
+        self.__dict__["_renorm_cache"] = (step_t, rmax_t, dmax_t, (step_t._version, rmax_t._version, dmax_t._version),
+                                          step, bounds)
+        return bounds
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_renorm_cache"}  # ids and versions are this process's
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"

@@ -452,12 +452,33 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
             wv[k] = K == 1 ? 1.0 : vw[k];                                               \
         }                                                                                       \
     }                                                                                           \
+    /* Batch Renorm (Ioffe 2017): r = clip(sigma_B / sigma, 1/rmax, rmax), d = clip((mu_B - mu)  \
+     * / sigma, -dmax, dmax) from the running mu, sigma = sqrt(running_var + eps); scale =      \
+     * gamma r / sigma_B, shift = beta + gamma d. NaN passes every clip, as in torch. */         \
+    static void renorm_fold_##SFX(const double *bmean, const double *rstd, i64 N, i64 C,        \
+                                  const S *rmean, const S *rvar, const S *gamma, const S *beta,  \
+                                  double eps, const double *renorm, S *scale, S *shift, S *rd) { \
+        const double rmax = renorm[0], rmin = 1.0 / renorm[0], dmax = renorm[1];                \
+        for (i64 c = 0; c < C; c++) {                                                           \
+            double rv = (double)rvar[c];                                                        \
+            rv = rv < 0.0 ? 0.0 : rv;                                                           \
+            const double sigma = sqrt(rv + eps), g = gamma ? (double)gamma[c] : 1.0;            \
+            double r = 1.0 / (rstd[c] * sigma), d = (bmean[c] - (double)rmean[c]) / sigma;      \
+            r = r < rmin ? rmin : (r > rmax ? rmax : r);                                        \
+            d = d < -dmax ? -dmax : (d > dmax ? dmax : d);                                      \
+            rd[c] = (S)r;                                                                       \
+            rd[C + c] = (S)d;                                                                   \
+            shift[c] = (S)((beta ? (double)beta[c] : 0.0) + g * (double)(S)d);                  \
+            for (i64 n = 0; n < N; n++) scale[n * C + c] = (S)(rstd[n * C + c] * g * (double)(S)r); \
+        }                                                                                       \
+    }                                                                                           \
     /* Forward: mu, scale (N, C), shift (C), and the BN source's batch statistics (C). */       \
     NK_API int nk_mix_forward_##SFX(i64 N, i64 C, int K, const int *kinds, const i64 *groups,   \
                                     int const_mask, const S *mean, const S *var,                \
                                     const double *mw, const double *vw, const S *rmean,         \
                                     const S *rvar, const S *gamma, const S *beta, double eps,   \
-                                    S *mu, S *scale, S *shift, S *bn_mean, S *bn_var) {         \
+                                    const double *renorm, S *mu, S *scale, S *shift,            \
+                                    S *bn_mean, S *bn_var, S *rd) {                             \
         if (K < 1 || K > MAX_SOURCES) return -2;                                                \
         source_t src[MAX_SOURCES];                                                              \
         double wm[MAX_SOURCES], wv[MAX_SOURCES];                                                \
@@ -469,6 +490,16 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         weights_##SFX(K, mw, vw, wm, wv);                                             \
         mix(src, K, wm, wv, N, C, m, v);                                                        \
         rstd_in_place(v, N * C, eps);                                                           \
+        if (renorm) { /* Batch Renorm: one BN source (the operator checks) */                \
+            renorm_fold_##SFX(src[0].m, v, N, C, rmean, rvar, gamma, beta, eps, renorm, scale, shift, rd); \
+            for (i64 i = 0; i < N * C; i++) mu[i] = (S)m[i];                                    \
+            for (i64 c = 0; c < C; c++) {                                                       \
+                bn_mean[c] = (S)src[0].m[c];                                                    \
+                bn_var[c] = (S)src[0].v[c];                                                     \
+            }                                                                                   \
+            free(pool);                                                                         \
+            return 0;                                                                           \
+        }                                                                                       \
         for (i64 n = 0; n < N; n++) {                                                           \
             const double *r = v + n * C;                                                        \
             S *sc = scale + n * C;                                                              \
@@ -502,8 +533,8 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
                                      const i64 *groups, int const_mask, const S *mean,          \
                                      const S *var, const double *mw, const double *vw,          \
                                      const S *rmean, const S *rvar, const S *gamma, double eps, \
-                                     const S *A, const S *B, S *p, S *q, S *dgamma, S *dbeta,   \
-                                     double *dmw, double *dvw) {                                \
+                                     const S *A, const S *B, const S *rd, S *p, S *q,           \
+                                     S *dgamma, S *dbeta, double *dmw, double *dvw) {           \
         if (K < 1 || K > MAX_SOURCES) return -2;                                                \
         source_t src[MAX_SOURCES];                                                              \
         double wm[MAX_SOURCES], wv[MAX_SOURCES];                                                \
@@ -523,7 +554,8 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         for (i64 n = 0; n < N; n++) {                                                           \
             _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                                   \
                 i64 i = n * C + c;                                                              \
-                double r = v[i], g = gamma ? (double)gamma[c] : 1.0, a = (double)A[i];          \
+                double r = v[i], g = (gamma ? (double)gamma[c] : 1.0) * (rd ? (double)rd[c] : 1.0); \
+                double a = (double)A[i];                                                        \
                 double dscale = (double)B[i] + a * ((double)mean[i] - m[i]);                    \
                 dg[c] += dscale * r;                                                            \
                 db[c] += a;                                                                     \
@@ -531,8 +563,8 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
                 Gv[i] *= -0.5 * dscale * g * r * r * r;                                         \
             }                                                                                   \
         }                                                                                       \
-        for (i64 c = 0; c < C; c++) {                                                           \
-            if (dgamma) dgamma[c] = (S)dg[c];                                                   \
+        for (i64 c = 0; c < C; c++) { /* renorm: d/dgamma of gamma (r xhat + d) */              \
+            if (dgamma) dgamma[c] = (S)(rd ? (double)rd[c] * dg[c] + (double)rd[C + c] * db[c] : dg[c]); \
             if (dbeta) dbeta[c] = (S)db[c];                                                     \
         }                                                                                       \
         if (K > 1) { /* d/dw_k = sum Gm * m_k (and likewise for the variance weights) */        \
@@ -623,6 +655,27 @@ DEFINE_MIXER(f64, double)
 DEFINE_RUNNING(f32, float)
 DEFINE_RUNNING(f64, double)
 
+/* Batch Renorm's running statistics (Ioffe 2017, Algorithm 1): mu += momentum (mu_B - mu),
+ * sigma += momentum (sigma_B - sigma) with sigma = sqrt(running_var + eps) and sigma_B =
+ * sqrt(var_B + eps) (biased), stored back as running_var = max(sigma^2 - eps, 0). Nothing
+ * moves when the batch had at most one value per channel. */
+#define DEFINE_RENORM_RUNNING(SFX, S)                                                           \
+    NK_API void nk_update_renorm_##SFX(i64 C, i64 count, const S *mean, const S *var,           \
+                                       double momentum, double eps, S *rmean, S *rvar) {        \
+        if (count <= 1) return;                                                                 \
+        for (i64 c = 0; c < C; c++) {                                                           \
+            double rv = (double)rvar[c];                                                        \
+            rv = rv < 0.0 ? 0.0 : rv;                                                           \
+            const double sigma = sqrt(rv + eps), sigma_b = sqrt((double)var[c] + eps);          \
+            const double s = sigma + momentum * (sigma_b - sigma), v = s * s - eps;             \
+            rmean[c] = (S)((double)rmean[c] + momentum * ((double)mean[c] - (double)rmean[c])); \
+            rvar[c] = (S)(v < 0.0 ? 0.0 : v);                                                   \
+        }                                                                                       \
+    }
+
+DEFINE_RENORM_RUNNING(f32, float)
+DEFINE_RENORM_RUNNING(f64, double)
+
 /* ---- whole layer in one call per direction ---------------------------------------------
  * Forward: moments (unless every statistic is a running one), mixer, apply; backward:
  * reduce, mixer backward, dx. One foreign call per direction keeps the per-layer overhead
@@ -634,10 +687,10 @@ DEFINE_RUNNING(f64, double)
                                       const int *kinds, const i64 *groups, int const_mask,      \
                                       int need_moments, S *stats, const double *ml, const double *vl,     \
                                       const S *rm, const S *rv, const S *w, const S *b,         \
-                                      double eps, int nt) {                                     \
+                                      double eps, const double *renorm, int nt) {               \
         const i64 nc = N * C;                                                                   \
         S *mean = stats, *var = stats + nc, *mu = var + nc, *scale = mu + nc;                   \
-        S *shift = scale + nc, *bn_mean = shift + C, *bn_var = bn_mean + C;                     \
+        S *shift = scale + nc, *bn_mean = shift + C, *bn_var = bn_mean + C, *rd = bn_var + C;   \
         int code = 0;                                                                           \
         if (need_moments) {                                                                     \
             code = nk_moments_##SFX(nlc, x, N, C, L, mean, var, nt);                            \
@@ -646,7 +699,8 @@ DEFINE_RUNNING(f64, double)
             memset(stats, 0, sizeof(S) * (size_t)(2 * nc));                                    \
         }                                                                                       \
         code = nk_mix_forward_##MS(N, C, K, kinds, groups, const_mask, mean, var, ml, vl, rm,   \
-                                   rv, w, b, eps, mu, scale, shift, bn_mean, bn_var);           \
+                                   rv, w, b, eps, renorm, mu, scale, shift, bn_mean, bn_var,     \
+                                   renorm ? rd : NULL);                                         \
         if (code) return code;                                                                  \
         nk_apply_##SFX(nlc, x, y, N, C, L, mu, scale, shift, nt);                               \
         return 0;                                                                               \
@@ -655,16 +709,18 @@ DEFINE_RUNNING(f64, double)
                                        i64 L, int K, const int *kinds, const i64 *groups,       \
                                        int const_mask, const S *stats, const double *ml,             \
                                        const double *vl, const S *rm, const S *rv, const S *w,       \
-                                       double eps, S *dgamma, S *dbeta, double *dml, double *dvl, int nt) { \
+                                       double eps, int renorm, S *dgamma, S *dbeta, double *dml, \
+                                       double *dvl, int nt) {                                   \
         const i64 nc = N * C;                                                                   \
         const S *mean = stats, *var = stats + nc, *scale = stats + 3 * nc;                      \
+        const S *rd = renorm ? stats + 4 * nc + 3 * C : NULL;                                   \
         S *work = (S *)malloc(sizeof(S) * (size_t)(4 * nc));                                    \
         if (!work) return -1;                                                                   \
         S *A = work, *B = A + nc, *p = B + nc, *q = p + nc;                                     \
         int code = nk_reduce_##SFX(nlc, dy, x, N, C, L, mean, A, B, nt);                        \
         if (!code)                                                                              \
             code = nk_mix_backward_##MS(N, C, L, K, kinds, groups, const_mask, mean, var, ml,   \
-                                        vl, rm, rv, w, eps, A, B, p, q, dgamma, dbeta, dml, dvl); \
+                                        vl, rm, rv, w, eps, A, B, rd, p, q, dgamma, dbeta, dml, dvl); \
         if (!code && dx) nk_backward_apply_##SFX(nlc, dy, x, dx, N, C, L, mean, scale, p, q, nt); \
         free(work);                                                                             \
         return code;                                                                            \
