@@ -15,16 +15,17 @@ Conventions (deliberate, and different from Keras and the official SN code):
 
 How a call runs (:func:`normalize`, the only place these rules live):
 
-1. ``mask`` given, ``process_group`` given (statistics merged across processes), an empty
-   input, a ``torch.func`` transform or forward-mode AD active, or the ``'reference'``
-   backend: the **reference path**, plain autograd over ATen ops (these transforms have
-   rules for ATen ops only).
+1. ``mask`` given, an empty input, a ``torch.func`` transform or forward-mode AD active, or
+   the ``'reference'`` backend: the **reference path**, plain autograd over ATen ops (these
+   transforms have rules for ATen ops only).
 2. Otherwise the backend's kernel set for the input's device (:func:`normkit.kernels.select`):
-   when it runs this exact spec type natively and takes this input's layout, the fused
-   **layer operator** ``normkit::layer_forward`` (also under ``torch.compile``, FakeTensor
-   and ``torch.export``, where it is one node of the graph);
+   when it runs this exact spec type natively, takes this input's layout and no
+   ``process_group`` is given, the fused **layer operator** ``normkit::layer_forward`` (also
+   under ``torch.compile``, FakeTensor and ``torch.export``, where it is one node of the
+   graph);
 3. else, in eager mode on real tensors, the **generic fused path**: the set's four passes
-   around the Python mix (:mod:`normkit.kernels._generic`);
+   around the Python mix (:mod:`normkit.kernels._generic`); with ``process_group`` the mix
+   merges the batch statistics across processes (one collective forward, one backward);
 4. else the reference path (under ``torch.compile`` Inductor fuses it).
 """
 
@@ -84,8 +85,8 @@ __all__ = [
 
 def _reference_only(x: Tensor, mask: Optional[Tensor], process_group: Any, compiling: bool) -> bool:
     """Rule 1 of the module docstring: what only the reference path computes."""
-    if mask is not None or process_group is not None or x.numel() == 0:
-        return True  # no kernel takes masks or sync
+    if mask is not None or x.numel() == 0:
+        return True  # no kernel takes masks
     # ONNX has no normkit operator. Both exporters trace (TorchScript's tracer, or torch.export
     # while compiling), and the check itself costs as much as a small layer's kernel.
     if (compiling or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export():
@@ -118,16 +119,18 @@ def normalize(
         chosen = kernels.select(x)
         if chosen is not None and chosen.supports(x, channel_axis) is not None:
             chosen = None
-    if chosen is not None and chosen.runs_layer(spec):
+    if chosen is not None and process_group is None and chosen.runs_layer(spec):
         y, tracked = chosen.layer(
             x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, momentum, channel_axis
         )
     elif chosen is not None and not compiling and not isinstance(x, FakeTensor):
         reads = (running_mean, running_var) if spec.reads_running else (None, None)
         if spec.reads_running and spec.tracked is not None and running_mean is not None:
-            # read, then moved below: the backward's recomputation must see the values read
+            # read, then moved below: a double backward's recomputation must see the values read
             reads = (running_mean.clone(), running_var.clone())
-        mix_fn = functools.partial(_mix_reading, spec, *reads)
+        merge_batch = None if process_group is None else functools.partial(all_merge_moments,
+                                                                            process_group=process_group)
+        mix_fn = functools.partial(_mix_reading, spec, *reads, merge_batch)
         y, tracked = generic_normalize(chosen, x, channel_axis, mix_fn, (mean_weights, var_weights, weight, bias))
     else:
         y, tracked = _reference(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var,
@@ -140,8 +143,9 @@ def normalize(
     return y
 
 
-def _mix_reading(spec: MixSpec, running_mean, running_var, m_in: Moments, mean_weights, var_weights, weight, bias):
-    return spec.mix(m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
+def _mix_reading(spec: MixSpec, running_mean, running_var, merge_batch, m_in: Moments, mean_weights, var_weights,
+                 weight, bias):
+    return spec.mix(m_in, mean_weights, var_weights, weight, bias, running_mean, running_var, merge_batch)
 
 
 def _reference(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, channel_axis, mask,

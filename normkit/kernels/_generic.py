@@ -10,6 +10,11 @@ where dL/dm and dL/dvar_in come from autograd on the small mix graph, fed with t
 per-(n, c) reductions ``sum(dy)`` and ``sum(dy * (x - m))``. So one set of four loops
 serves every spec, without saving any full-size temporary besides x itself; nothing here
 depends on which normalization the spec describes.
+
+The mix graph is recorded in the forward (when a gradient will be wanted) and kept for the
+backward rather than recomputed: the mix runs once per step, so a mix that exchanges
+statistics across processes (synchronised layers: one collective forward, its adjoint in
+backward) costs exactly those two collectives.
 """
 
 from __future__ import annotations
@@ -29,12 +34,24 @@ MixFn = Callable[..., tuple[Tensor, Tensor, Tensor, Optional[Moments]]]
 
 class _GenericNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, kernels, axis, mix_fn, tracked_out, *small):  # type: ignore[override]
+    def forward(ctx, x, kernels, axis, mix_fn, tracked_out, record, *small):  # type: ignore[override]
         n, c = x.shape[0], x.shape[axis]
         length = x.numel() // max(n * c, 1)
         mean, var = kernels.moments(x, axis)
         count = torch.full((n, 1), float(length), dtype=mean.dtype, device=x.device)
-        mu, scale, shift, tracked = mix_fn(Moments(count, mean, var), *small)
+        wants = ctx.needs_input_grad[6:]
+        if record:  # the small graph of the mix, for the backward
+            with torch.enable_grad():
+                mean_leaf, var_leaf = mean.detach().requires_grad_(), var.detach().requires_grad_()
+                leaves = [s.detach().requires_grad_() if (s is not None and want) else s
+                          for s, want in zip(small, wants)]
+                mu, scale, shift, tracked = mix_fn(Moments(count, mean_leaf, var_leaf), *leaves)
+            ctx.graph = (mu, scale, shift, mean_leaf, var_leaf, leaves)
+            mu, scale, shift = mu.detach(), scale.detach(), shift.detach()
+            if tracked is not None:
+                tracked = Moments(*(t.detach() for t in tracked))
+        else:
+            mu, scale, shift, tracked = mix_fn(Moments(count, mean, var), *small)
         tracked_out.append(tracked)
         y = kernels.apply(x, mu, scale, shift, axis)
         ctx.kernels, ctx.axis, ctx.mix_fn, ctx.length = kernels, axis, mix_fn, length
@@ -47,14 +64,10 @@ class _GenericNorm(torch.autograd.Function):
         x, mean, var, count, *present = ctx.saved_tensors
         it = iter(present)
         small = [None if none else next(it) for none in ctx.small_is_none]
-        wants = ctx.needs_input_grad[5:]
+        wants = ctx.needs_input_grad[6:]
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward)
             return _differentiable_backward(ctx, dy, x, small, wants)
-        with torch.enable_grad():
-            mean_leaf = mean.detach().requires_grad_()
-            var_leaf = var.detach().requires_grad_()
-            leaves = [s.detach().requires_grad_() if (s is not None and want) else s for s, want in zip(small, wants)]
-            mu, scale, shift, _ = ctx.mix_fn(Moments(count, mean_leaf, var_leaf), *leaves)
+        mu, scale, shift, mean_leaf, var_leaf, leaves = ctx.graph
         if not (dy.is_contiguous() or dy.is_contiguous(memory_format=torch.channels_last)):
             dy = dy.contiguous()
         sum_dy, sum_dy_xc = ctx.kernels.reduce(dy, x, mean, ctx.axis)
@@ -66,7 +79,9 @@ class _GenericNorm(torch.autograd.Function):
                 outs.append(t)
                 gouts.append(grad_outputs[name])
         inputs = [mean_leaf, var_leaf] + [leaf for leaf, want in zip(leaves, wants) if leaf is not None and want]
-        grads = list(torch.autograd.grad(outs, inputs, gouts, allow_unused=True)) if outs else [None] * len(inputs)
+        # retain_graph: the caller's graph may be run backward again (retain_graph=True there)
+        grads = list(torch.autograd.grad(outs, inputs, gouts, allow_unused=True, retain_graph=True)) \
+            if outs else [None] * len(inputs)
         g_mean, g_var = grads[0], grads[1]
         small_grads = iter(grads[2:])
         dsmall = [next(small_grads) if (s is not None and want) else None for s, want in zip(small, wants)]
@@ -76,7 +91,7 @@ class _GenericNorm(torch.autograd.Function):
             p = g_mean / ctx.length if g_mean is not None else zeros
             q = 2.0 * g_var / ctx.length if g_var is not None else zeros
             dx = ctx.kernels.backward_apply(dy, x, mean, scale_d, p, q, ctx.axis)
-        return (dx, None, None, None, None, *dsmall)
+        return (dx, None, None, None, None, None, *dsmall)
 
 
 def _differentiable_backward(ctx, dy: Tensor, x: Tensor, small: list, wants: tuple) -> tuple:
@@ -90,7 +105,7 @@ def _differentiable_backward(ctx, dy: Tensor, x: Tensor, small: list, wants: tup
         found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     dx = next(found) if ctx.needs_input_grad[0] else None
     dsmall = [next(found) if (s is not None and want) else None for s, want in zip(small, wants)]
-    return (dx, None, None, None, None, *dsmall)
+    return (dx, None, None, None, None, None, *dsmall)
 
 
 def generic_normalize(kernels: KernelSet, x: Tensor, axis: int, mix_fn: MixFn, small: tuple) -> tuple[Tensor, Optional[Moments]]:
@@ -99,5 +114,6 @@ def generic_normalize(kernels: KernelSet, x: Tensor, axis: int, mix_fn: MixFn, s
     Tensors the mix reads but never differentiates (running statistics) belong in
     ``mix_fn``'s closure, not in ``small``."""
     tracked: list = []
-    y = _GenericNorm.apply(x, kernels, axis, mix_fn, tracked, *small)
+    record = torch.is_grad_enabled() and (x.requires_grad or any(s is not None and s.requires_grad for s in small))
+    y = _GenericNorm.apply(x, kernels, axis, mix_fn, tracked, record, *small)
     return y, tracked[0]
