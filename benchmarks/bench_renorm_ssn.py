@@ -11,6 +11,12 @@ ratios say what the layers cost rather than how they share cores.
 
     python benchmarks/bench_renorm_ssn.py            # full shapes, 15 repetitions
     python benchmarks/bench_renorm_ssn.py --quick    # two small shapes, 5 repetitions
+    python benchmarks/bench_renorm_ssn.py --clock cpu --only ssn --reps 41   # SSN / SN only,
+        # timed in this thread's CPU time: on a machine shared with other jobs, wall-clock
+        # time counts the time the thread waits for a core, CPU time does not
+
+``--clock cpu`` also prints the median of the per-repetition ratios (each repetition times
+SSN and SN back to back, so a slow stretch of the machine hits both).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ def _eval_step(layer, x):
     return run
 
 
-def _candidates(shape):
+def _candidates(shape, only=None):
     c = shape[1]
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
@@ -65,6 +71,8 @@ def _candidates(shape):
         hardened_src.var_logits.copy_(torch.tensor([0.0, 0.0, 1.0]))
     hardened = normkit.harden(hardened_src).eval()
     xe = x.detach()
+    if only == "ssn":
+        return {"sn": _train_step(sn, x, grad), "ssn": _train_step(ssn, x, grad)}
     return {
         "bn": _train_step(bn, x, grad),
         "brn": _train_step(brn, x, grad),
@@ -84,8 +92,9 @@ RATIOS = [
 ]
 
 
-def measure(shape, reps: int, inner: int, seed: int) -> dict[str, float]:
-    fns = _candidates(shape)
+def measure(shape, reps: int, inner: int, seed: int, clock=time.perf_counter, only=None
+            ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    fns = _candidates(shape, only)
     for fn in fns.values():  # warm up allocator, kernels and caches
         for _ in range(3):
             fn()
@@ -95,11 +104,11 @@ def measure(shape, reps: int, inner: int, seed: int) -> dict[str, float]:
     for _ in range(reps):
         rng.shuffle(order)
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             for _ in range(inner):
                 fns[name]()
-            times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append((clock() - start) / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}, times
 
 
 def main() -> None:
@@ -109,7 +118,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shapes", default=None, help="e.g. 32x64x32x32,8x32x14x14 (default: the full or quick set)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: time.perf_counter; cpu: this thread's CPU time (time.thread_time)")
+    parser.add_argument("--only", choices=("ssn",), default=None, help="ssn: only SSN and SN")
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -117,16 +130,25 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     reps = args.reps or (5 if args.quick else 15)
     print(f"torch {torch.__version__}, {args.threads} thread(s), kernels: {normkit.kernels.status()['cpu']['kernels']}, "
-          f"{reps} shuffled repetitions, medians")
-    header = "| N,C,H,W | " + " | ".join(label for label, _, _ in RATIOS) + " | BN fwd+bwd us | SN fwd+bwd us |"
-    print(header)
-    print("|" + "---|" * (len(RATIOS) + 3))
+          f"{reps} shuffled repetitions, medians, {args.clock} clock")
+    if args.only == "ssn":
+        print("| N,C,H,W | SSN fwd+bwd / SN (ratio of medians) | median of paired ratios | SN fwd+bwd us | SSN fwd+bwd us |")
+        print("|---|---|---|---|---|")
+    else:
+        header = "| N,C,H,W | " + " | ".join(label for label, _, _ in RATIOS) + " | BN fwd+bwd us | SN fwd+bwd us |"
+        print(header)
+        print("|" + "---|" * (len(RATIOS) + 3))
     for shape in shapes:
         numel = 1
         for s in shape:
             numel *= s
         inner = max(4, min(50, 2_000_000 // numel))  # at least a few calls per timed sample
-        med = measure(shape, reps, inner, args.seed)
+        med, times = measure(shape, reps, inner, args.seed, clock, args.only)
+        if args.only == "ssn":
+            paired = statistics.median(a / b for a, b in zip(times["ssn"], times["sn"]))
+            print(f"| {','.join(map(str, shape))} | {med['ssn'] / med['sn']:.3f} | {paired:.3f} "
+                  f"| {med['sn'] * 1e6:.0f} | {med['ssn'] * 1e6:.0f} |", flush=True)
+            continue
         cells = [f"{med[a] / med[b]:.2f}" for _, a, b in RATIOS]
         print(f"| {','.join(map(str, shape))} | " + " | ".join(cells)
               + f" | {med['bn'] * 1e6:.0f} | {med['sn'] * 1e6:.0f} |", flush=True)

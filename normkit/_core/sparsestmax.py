@@ -41,8 +41,9 @@ branching on values), so it runs under vmap, FakeTensor, the meta device and com
 
 from __future__ import annotations
 
+import array
 import math
-from typing import Callable, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -187,86 +188,290 @@ def sparsestmax(z: Tensor, radius: Union[float, Tensor], dim: int = -1) -> Tenso
 
 
 # ---- the layers' weights: the same projection with the branch decided on the host ------------
+#
+# The layers' logits are K numbers (K <= 4 in practice), for which a handful of tensor ops and
+# their autograd nodes cost far more than the arithmetic. So on plain eager CPU tensors both
+# rows are solved, and differentiated, in straight-line Python floats behind one autograd
+# node; the closed-form vector-Jacobian product of the branch taken is kept for the backward.
 
-def _plan(z: list[float], r: float) -> list[float]:
-    """The branch :func:`sparsestmax` takes for one row, decided in Python floats, as the row
-    ``[support mask (K), 1 / size, coef, normalise, b (K)]``: the weights are ``b + coef * c``
-    with ``c`` the logits centred on the support (``c / |c|`` when ``normalise``)."""
+def _solve(z: list[float], r2: float) -> tuple[list[float], Optional[tuple]]:
+    """One row of :func:`sparsestmax` at squared radius ``r2``, in Python floats: ``(weights,
+    vjp)``, with ``vjp = (support, 1 / size, scale, direction)`` describing the Jacobian
+    ``scale * (I - v v^T) P`` of the branch taken (``P`` the centring on the ``support``
+    indices, ``v`` the unit ``direction`` on them, or None on the sparsemax branch), or
+    ``None`` where the weights are locally constant (the tie / one-hot point).
+
+    The same decisions as :func:`sparsestmax`, with each KKT candidate of the sphere branch
+    in O(1) from running sums (``sum (d - mean)^2 = sum d^2 - n mean^2`` is stable here: the
+    first entry of ``d`` is 0, so the spread is at least ``sum d^2 / n``)."""
     k = len(z)
-    order = sorted(range(k), key=lambda i: (-z[i], i))
+    order = sorted(range(k), key=z.__getitem__, reverse=True)  # stable: ties keep index order
     s = [z[i] for i in order]
-
-    def on(size: int, coef: float, normalise: bool) -> list[float]:
-        mask = [0.0] * k
-        for i in order[:size]:
-            mask[i] = 1.0
-        return [*mask, 1.0 / size, coef, float(normalise), *(v / size for v in mask)]
-
-    cumulative, size0, total = 0.0, 1, s[0]
-    for j, value in enumerate(s):
+    # sparsemax: the support is the prefix of sorted entries with 1 + j s_j > sum_{i<=j} s_i
+    cumulative, size, total = 0.0, 1, s[0]
+    j = 0
+    for value in s:
+        j += 1
         cumulative += value
-        if 1 + (j + 1) * value > cumulative:
-            size0, total = j + 1, cumulative
-    tau = (total - 1) / size0
-    if not sum((max(v - tau, 0.0) - 1.0 / k) ** 2 for v in z) < r * r:
-        return on(size0, 1.0, False)  # sparsemax: b + (z - mean_S z) on the support
-    total2 = r * r + 1.0 / k
-    tied = [float(v == s[0]) for v in z]
-    m = sum(tied)
+        if 1 + j * value > cumulative:
+            size, total = j, cumulative
+    if r2 > 0.0:
+        tau = (total - 1) / size
+        centre = 1.0 / k
+        distance2 = 0.0
+        for v in z:
+            v = max(v - tau, 0.0) - centre
+            distance2 += v * v
+        if distance2 < r2:  # inside the ball: the answer is on the sphere ||p||^2 = r^2 + 1/K
+            return _on_sphere(z, order, s, r2 + centre)
+    inv_size = 1.0 / size
+    support = sorted(order[:size])
+    mean = 0.0
+    for i in support:
+        mean += z[i]
+    mean *= inv_size
+    weights = [0.0] * k
+    for i in support:
+        weights[i] = inv_size + (z[i] - mean)
+    return weights, (support, inv_size, 1.0, None)
+
+
+def _on_sphere(z: list[float], order: list[int], s: list[float], total2: float) -> tuple[list[float], Optional[tuple]]:
+    """:func:`_solve`'s sphere branch, ``||p||^2 = total2 = r^2 + 1/K``."""
+    k = len(z)
+    top = s[0]
+    m = s.count(top)
+    weights = [0.0] * k
     if total2 >= 1.0 / m - _TOL:  # the tie / one-hot point: constant
-        first = tied.index(1.0)
-        length = math.sqrt(max((m - 1) / m, 0.0))
-        step = math.sqrt(max(total2 - 1.0 / m, 0.0)) / length if length > 0 else 0.0
-        b = [t / m + step * ((i == first) - t / m) for i, t in enumerate(tied)]
-        return [*([0.0] * k), 1.0, 0.0, 0.0, *b]
-    d = [v - s[0] for v in s]
-    best, best_size, best_rho = -math.inf, 1, 0.0
-    for size in range(2, k + 1):
-        mean = sum(d[:size]) / size
-        spread2 = sum((v - mean) ** 2 for v in d[:size])
+        first = order[0]  # the lowest tied index
+        if m == 1:
+            weights[first] = 1.0
+            return weights, None
+        step = math.sqrt(max(total2 - 1.0 / m, 0.0)) / math.sqrt((m - 1) / m)
+        share = 1.0 / m
+        for i in order[:m]:
+            weights[i] = share + step * -share
+        weights[first] = share + step * (1.0 - share)
+        return weights, None
+    # KKT points on the n largest entries; differences from the largest are exact zeros for
+    # entries tied with it. The objective <p, d> of candidate n is mean + rho * spread.
+    best, size, best_rho = -math.inf, 1, 0.0
+    sum1 = sum2 = 0.0
+    for n in range(1, k + 1):
+        d = s[n - 1] - top
+        sum1 += d
+        sum2 += d * d
+        if n == 1:
+            continue
+        mean = sum1 / n
+        spread2 = sum2 - sum1 * mean
         if not spread2 > 0:
             continue
-        rho = math.sqrt(max(total2 - 1.0 / size, 0.0))
-        step = rho / math.sqrt(spread2)
-        if 1.0 / size + step * (d[size - 1] - mean) < -_TOL:
+        rho = math.sqrt(max(total2 - 1.0 / n, 0.0))
+        spread = math.sqrt(spread2)
+        step = rho / spread
+        if 1.0 / n + step * (d - mean) < -_TOL:
             continue
-        if size < k and 1.0 / size + step * (d[size] - mean) > _TOL:
+        if n < k and 1.0 / n + step * (s[n] - top - mean) > _TOL:
             continue
-        objective = sum((1.0 / size + step * (v - mean)) * v for v in d[:size])
+        objective = mean + rho * spread
         if objective > best:
-            best, best_size, best_rho = objective, size, rho
-    return on(best_size, best_rho, True)
+            best, size, best_rho = objective, n, rho
+    if size == 1:  # no candidate (not reached for valid inputs): the largest entry's vertex
+        weights[order[0]] = 1.0
+        return weights, None
+    # the weights from the logits centred on the support (as the tensor version computes them)
+    support = sorted(order[:size])
+    inv_size = 1.0 / size
+    mean = 0.0
+    for i in support:
+        mean += z[i]
+    mean *= inv_size
+    centred = [z[i] - mean for i in support]
+    length = 0.0
+    for c in centred:
+        length += c * c
+    length = math.sqrt(length)
+    if not length > 0:  # (not reached for valid inputs) the support's centre, constant
+        for i in support:
+            weights[i] = inv_size
+        return weights, None
+    scale = best_rho / length
+    for i, c in zip(support, centred):
+        weights[i] = inv_size + scale * c
+    return weights, (support, inv_size, scale, [c / length for c in centred])
+
+
+def _solve3(z: list[float], r2: float) -> tuple[list[float], Optional[tuple]]:
+    """:func:`_solve` for three entries (the layers' default ``in, ln, bn``), unrolled: the
+    same operations in the same order, so the same bits, at under half the interpreter's
+    work. Ties at the top and non-finite logits take the general code."""
+    a, b, c = z
+    t = a + b + c
+    if t - t != 0.0:  # inf or NaN somewhere (or an overflowing sum)
+        return _solve(z, r2)
+    # stable descending sort: ties keep index order
+    if b > a:
+        i0, v0, i1, v1 = 1, b, 0, a
+    else:
+        i0, v0, i1, v1 = 0, a, 1, b
+    if c > v0:
+        i0, i1, i2, s0, s1, s2 = 2, i0, i1, c, v0, v1
+    elif c > v1:
+        i0, i1, i2, s0, s1, s2 = i0, 2, i1, v0, c, v1
+    else:
+        i0, i1, i2, s0, s1, s2 = i0, i1, 2, v0, v1, c
+    c2 = s0 + s1
+    c3 = c2 + s2
+    if 1 + 3 * s2 > c3:
+        size, total = 3, c3
+    elif 1 + 2 * s1 > c2:
+        size, total = 2, c2
+    else:
+        size, total = 1, s0
+    if r2 > 0.0:
+        tau = (total - 1) / size
+        centre = 1.0 / 3
+        x0, x1, x2 = a - tau, b - tau, c - tau
+        x0 = (x0 if x0 > 0.0 else 0.0) - centre
+        x1 = (x1 if x1 > 0.0 else 0.0) - centre
+        x2 = (x2 if x2 > 0.0 else 0.0) - centre
+        if x0 * x0 + x1 * x1 + x2 * x2 < r2:  # on the sphere
+            total2 = r2 + centre
+            if s1 == s0:
+                return _on_sphere(z, [i0, i1, i2], [s0, s1, s2], total2)
+            if total2 >= 1.0 - _TOL:  # one-hot
+                weights = [0.0, 0.0, 0.0]
+                weights[i0] = 1.0
+                return weights, None
+            # the KKT candidates on the top 2 and on all 3 entries
+            best, size, best_rho = -math.inf, 1, 0.0
+            d1 = s1 - s0
+            d2 = s2 - s0
+            mean = d1 / 2
+            spread2 = d1 * d1 - d1 * mean
+            if spread2 > 0:
+                rho = math.sqrt(max(total2 - 1.0 / 2, 0.0))
+                spread = math.sqrt(spread2)
+                step = rho / spread
+                if not (1.0 / 2 + step * (d1 - mean) < -_TOL or 1.0 / 2 + step * (d2 - mean) > _TOL):
+                    best, size, best_rho = mean + rho * spread, 2, rho
+            sum1 = d1 + d2
+            mean = sum1 / 3
+            spread2 = (d1 * d1 + d2 * d2) - sum1 * mean
+            if spread2 > 0:
+                rho = math.sqrt(max(total2 - 1.0 / 3, 0.0))
+                spread = math.sqrt(spread2)
+                step = rho / spread
+                if not 1.0 / 3 + step * (d2 - mean) < -_TOL and mean + rho * spread > best:
+                    size, best_rho = 3, rho
+            if size == 1:
+                weights = [0.0, 0.0, 0.0]
+                weights[i0] = 1.0
+                return weights, None
+            if size == 3:
+                inv_size = 1.0 / 3
+                mean = (a + b + c) * inv_size
+                e0, e1, e2 = a - mean, b - mean, c - mean
+                length = math.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
+                if not length > 0:
+                    return [inv_size, inv_size, inv_size], None
+                scale = best_rho / length
+                return ([inv_size + scale * e0, inv_size + scale * e1, inv_size + scale * e2],
+                        ((0, 1, 2), inv_size, scale, [e0 / length, e1 / length, e2 / length]))
+            lo, hi = (i0, i1) if i0 < i1 else (i1, i0)
+            mean = (z[lo] + z[hi]) * 0.5
+            e0, e1 = z[lo] - mean, z[hi] - mean
+            length = math.sqrt(e0 * e0 + e1 * e1)
+            weights = [0.0, 0.0, 0.0]
+            if not length > 0:
+                weights[lo] = weights[hi] = 0.5
+                return weights, None
+            scale = best_rho / length
+            weights[lo] = 0.5 + scale * e0
+            weights[hi] = 0.5 + scale * e1
+            return weights, ((lo, hi), 0.5, scale, [e0 / length, e1 / length])
+    # sparsemax
+    if size == 3:
+        inv_size = 1.0 / 3
+        mean = (a + b + c) * inv_size
+        return [inv_size + (a - mean), inv_size + (b - mean), inv_size + (c - mean)], ((0, 1, 2), inv_size, 1.0, None)
+    weights = [0.0, 0.0, 0.0]
+    if size == 2:
+        lo, hi = (i0, i1) if i0 < i1 else (i1, i0)
+        mean = (z[lo] + z[hi]) * 0.5
+        weights[lo] = 0.5 + (z[lo] - mean)
+        weights[hi] = 0.5 + (z[hi] - mean)
+        return weights, ((lo, hi), 0.5, 1.0, None)
+    weights[i0] = 1.0 + (z[i0] - z[i0])
+    return weights, ((i0,), 1.0, 1.0, None)
+
+
+def _pullback(vjp: Optional[tuple], g: list[float]) -> list[float]:
+    """``J^T g`` for one row (``J`` symmetric: ``scale (I - v v^T) P`` with ``v`` in ``P``'s range)."""
+    out = [0.0] * len(g)
+    if vjp is None:
+        return out
+    support, inv_size, scale, direction = vjp
+    n = len(support)
+    if n == 2:
+        i, j = support
+        gi, gj = g[i], g[j]
+        g_mean = (gi + gj) * inv_size
+        pi, pj = gi - g_mean, gj - g_mean
+        if direction is not None:
+            vi, vj = direction
+            along = pi * vi + pj * vj
+            pi, pj = pi - along * vi, pj - along * vj
+        out[i], out[j] = scale * pi, scale * pj
+        return out
+    if n == 3 and len(g) == 3:
+        g0, g1, g2 = g
+        g_mean = (g0 + g1 + g2) * inv_size
+        p0, p1, p2 = g0 - g_mean, g1 - g_mean, g2 - g_mean
+        if direction is not None:
+            v0, v1, v2 = direction
+            along = p0 * v0 + p1 * v1 + p2 * v2
+            p0, p1, p2 = p0 - along * v0, p1 - along * v1, p2 - along * v2
+        return [scale * p0, scale * p1, scale * p2]
+    g_mean = 0.0
+    for i in support:
+        g_mean += g[i]
+    g_mean *= inv_size
+    projected = [g[i] - g_mean for i in support]
+    if direction is not None:
+        along = 0.0
+        for p, v in zip(projected, direction):
+            along += p * v
+        projected = [p - along * v for p, v in zip(projected, direction)]
+    for i, p in zip(support, projected):
+        out[i] = scale * p
+    return out
+
+
+_TYPECODES = {torch.float64: "d", torch.float32: "f"}
+
+
+def _cpu_vector(values: list[float], dtype: torch.dtype) -> Tensor:
+    """A fresh 1-D CPU tensor of ``values``: through an ``array`` buffer for float64 / float32
+    (a third of ``torch.tensor``'s cost), else ``torch.tensor``."""
+    code = _TYPECODES.get(dtype)
+    if code is None:
+        return torch.tensor(values, dtype=dtype)
+    return torch.frombuffer(array.array(code, values), dtype=dtype)
 
 
 def _host_decidable(z: Tensor) -> bool:
     """Plain eager CPU values: the branch can be read on the host at no synchronisation cost."""
-    return (type(z) is Tensor or type(z) is torch.nn.Parameter) and z.device.type == "cpu" \
+    return (type(z) is Tensor or type(z) is torch.nn.Parameter) and z.is_cpu \
         and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active() \
         and torch.autograd.forward_ad._current_level < 0
 
 
-def _weights_and_pullback(z: list[float], r: float) -> tuple[list[float], Callable[[list[float]], list[float]]]:
-    """One row's weights in Python floats and the vector-Jacobian product of that branch."""
-    k = len(z)
-    plan = _plan(z, r)
-    mask, inv_size, coef, normalise, b = plan[:k], plan[k], plan[k + 1], plan[k + 2], plan[k + 3:]
-    mean = sum(v for v, m in zip(z, mask) if m) * inv_size
-    centred = [(v - mean) * m for v, m in zip(z, mask)]
-    length = math.sqrt(sum(c * c for c in centred)) if normalise else 1.0
-    scale = coef / length if length > 0 else 0.0
-    direction = [c / length for c in centred] if normalise and length > 0 else None
-    weights = [bi + scale * c for bi, c in zip(b, centred)]
-
-    def pullback(g: list[float]) -> list[float]:
-        # J = scale * (I - v v^T) P, with P the centring on the support (symmetric, v in its range)
-        g_mean = sum(gi for gi, m in zip(g, mask) if m) * inv_size
-        projected = [(gi - g_mean) * m for gi, m in zip(g, mask)]
-        if direction is not None:
-            along = sum(p * v for p, v in zip(projected, direction))
-            projected = [p - along * v for p, v in zip(projected, direction)]
-        return [scale * p for p in projected]
-
-    return weights, pullback
+def _plain(g: Tensor) -> bool:
+    """A dense CPU tensor: not a batched gradient (torch's batched-gradient checks run the
+    backward under the legacy ``Batched`` key, with no ``torch.func`` transform active)."""
+    return torch._C._dispatch_keys(g).has(torch._C.DispatchKey.CPU)
 
 
 class _HostWeights(torch.autograd.Function):
@@ -276,19 +481,22 @@ class _HostWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean_logits, var_logits, radius):  # type: ignore[override]
-        rows = [_weights_and_pullback(t.tolist(), radius) for t in (mean_logits, var_logits)]
-        ctx.pullbacks = [pullback for _, pullback in rows]
+        r2 = radius * radius
+        solve = _solve3 if mean_logits.shape[0] == 3 else _solve
+        mean_weights, ctx.mean_vjp = solve(mean_logits.tolist(), r2)
+        var_weights, ctx.var_vjp = solve(var_logits.tolist(), r2)
         ctx.radius = radius
+        ctx.dtypes = (mean_logits.dtype, var_logits.dtype)
         ctx.save_for_backward(mean_logits, var_logits)
-        return tuple(torch.tensor(w, dtype=torch.float64) for w, _ in rows)
+        return _cpu_vector(mean_weights, torch.float64), _cpu_vector(var_weights, torch.float64)
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var):  # type: ignore[override]
-        mean_logits, var_logits = ctx.saved_tensors
         # a gradient graph is wanted, or the incoming gradients are batched (torch's batched
         # gradient checks vmap the backward): differentiate the tensor version instead
-        dense = all(torch._C._dispatch_keys(g).has(torch._C.DispatchKey.CPU) for g in (grad_mean, grad_var))
-        if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or not dense:
+        if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() \
+                or not (_plain(grad_mean) and _plain(grad_var)):
+            mean_logits, var_logits = ctx.saved_tensors
             with torch.enable_grad():
                 # with a graph wanted, differentiate the saved inputs themselves so that the
                 # gradient stays a function of the logits (double backward)
@@ -298,8 +506,17 @@ class _HostWeights(torch.autograd.Function):
                 grads = torch.autograd.grad(w, leaves, torch.stack([grad_mean, grad_var]),
                                             create_graph=torch.is_grad_enabled())
             return grads[0], grads[1], None
-        return tuple(torch.tensor(pullback(g.tolist()), dtype=t.dtype) for pullback, g, t
-                     in zip(ctx.pullbacks, (grad_mean, grad_var), (mean_logits, var_logits))) + (None,)
+        need_mean, need_var = ctx.needs_input_grad[:2]
+        mean_dtype, var_dtype = ctx.dtypes
+        return (_cpu_vector(_pullback(ctx.mean_vjp, grad_mean.tolist()), mean_dtype) if need_mean else None,
+                _cpu_vector(_pullback(ctx.var_vjp, grad_var.tolist()), var_dtype) if need_var else None,
+                None)
+
+
+# Function.apply's Python wrapper only unwraps dead functorch wrappers and routes active
+# transforms; the host path runs with no transform active (_host_decidable), so it calls
+# autograd's entry point directly (a quarter of the node's fixed cost).
+_host_weights = super(torch.autograd.Function, _HostWeights).apply
 
 
 def sparsestmax_weights(mean_logits: Tensor, var_logits: Tensor, radius: Union[float, Tensor]
@@ -308,13 +525,19 @@ def sparsestmax_weights(mean_logits: Tensor, var_logits: Tensor, radius: Union[f
     Sparse Switchable Normalization's policy (the counterpart of ``softmax_weights``).
 
     On plain CPU tensors in eager mode each row (K numbers) is solved and differentiated in
-    Python floats behind one autograd node, which costs about what two softmaxes cost;
-    elsewhere (CUDA, compile, FakeTensor, ``torch.func`` transforms) the all-tensor
-    :func:`sparsestmax` runs. Both give the same weights and gradients.
+    Python floats behind one autograd node (about what two softmaxes cost); elsewhere (CUDA,
+    compile, FakeTensor, ``torch.func`` transforms) the all-tensor :func:`sparsestmax` runs.
+    Both give the same weights and gradients.
     """
-    k = mean_logits.shape[-1]
-    radius = _checked_radius(radius, k)
+    return layer_weights(mean_logits, var_logits, _checked_radius(radius, mean_logits.shape[-1]))
+
+
+def layer_weights(mean_logits: Tensor, var_logits: Tensor, radius: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`sparsestmax_weights` for a radius already checked (a float, or a 0-d tensor,
+    which is read on the host when it is on the CPU): the layers' entry point."""
     if not (_host_decidable(mean_logits) and _host_decidable(var_logits)):
         w = sparsestmax(torch.stack([mean_logits, var_logits]).to(torch.float64), radius)
         return w[0], w[1]
-    return _HostWeights.apply(mean_logits, var_logits, float(radius))
+    if type(radius) is not float:
+        radius = float(radius.detach().tolist() if isinstance(radius, Tensor) and radius.is_cpu else radius)
+    return _host_weights(mean_logits, var_logits, radius)

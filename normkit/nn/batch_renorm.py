@@ -177,24 +177,28 @@ class _BatchRenorm(NormBase):
         if not (self.training and not self.frozen and self.running_mean is not None):
             return self._run(x, mask, ("bn",))  # eval, frozen or no running statistics: batch norm
         axis = self._check_input(x)
-        _, factor = self._batch_stats_and_factor()
         group = self._sync_group(x)
         if mask is None and group is None and x.numel() // x.shape[axis] == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
                 f"({type(self).__name__}); use a batch of 2 or more, eval(), or frozen=True"
             )
+        batches = self.num_batches_tracked
         if self.renorm_step.is_meta or isinstance(self.renorm_step, FakeTensor):  # no values: the initial bounds
+            batches.add_(1)
             rmax, dmax = self._clip_at(0)
         elif torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():  # one warm-up step
-            rmax, dmax = self._advance()
+            rmax, dmax = self._advance(batches)
         else:
+            batches.add_(1)
             rmax, dmax = float(self.renorm_rmax), float(self.renorm_dmax)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(batches)
         return F.renorm_train(x, self.weight, self.bias, self.running_mean, self.running_var, rmax, dmax, factor,
                               self.eps, axis, mask, group)
 
-    def _advance(self) -> tuple[float, float]:
-        """One warm-up step: ``renorm_step += 1`` and the bounds of the new step.
+    def _advance(self, batches: Tensor) -> tuple[float, float]:
+        """One warm-up step: ``renorm_step += 1`` (with ``batches``, the batch count, in the same
+        operation) and the bounds of the new step.
 
         The step and bounds last written are remembered with the buffers' version counters,
         which every in-place change (``load_state_dict``, ``reset_running_stats``, a user's
@@ -206,7 +210,7 @@ class _BatchRenorm(NormBase):
         hit = cached is not None and cached[0] is step_t and cached[1] is rmax_t and cached[2] is dmax_t \
             and cached[3] == (step_t._version, rmax_t._version, dmax_t._version)
         step = cached[4] + 1 if hit else int(step_t) + 1
-        step_t.add_(1)
+        torch._foreach_add_([step_t, batches], 1)
         bounds = self._clip_at(step)
         if not hit or cached[5] != bounds:
             rmax_t.fill_(bounds[0])

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from normkit._core.sparsestmax import max_radius, sparsestmax_weights
+from normkit._core.sparsestmax import layer_weights, max_radius
 from normkit.nn.switchnorm import _SwitchNorm
 
 __all__ = ["SparseSwitchNorm1d", "SparseSwitchNorm2d", "SparseSwitchNorm3d"]
@@ -141,23 +141,32 @@ class _SparseSwitchNorm(_SwitchNorm):
     def _importance_weights(self) -> tuple[Tensor, Tensor]:
         # one training step; a torch.func transform (jacrev, vmap, ...) analyses the layer and
         # cannot mutate its buffers
+        radius = self.radius
         if self.training and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
-            self.radius_step.add_(1)
+            step = self.radius_step
+            step.add_(1)
             if self.radius_schedule is not None:
-                self.radius.fill_(self._checked(self.radius_schedule(int(self.radius_step)), "radius_schedule(step)"))
-            elif self.radius_steps is not None:  # tensor ops: no host read of the step
-                self.radius.copy_((self.radius_step.double() / self.radius_steps).clamp(max=self.max_radius))
-        return sparsestmax_weights(self.mean_logits, self.var_logits, self.radius)
+                radius.fill_(self._checked(self.radius_schedule(int(step)), "radius_schedule(step)"))
+            elif self.radius_steps is not None:
+                if type(step) is Tensor and step.is_cpu and radius.is_cpu and not torch.compiler.is_compiling():
+                    # eager on plain CPU tensors: host arithmetic, the same float64 division
+                    value = min(step.tolist() / self.radius_steps, self.max_radius)
+                    radius.fill_(value)
+                    if radius.dtype is torch.float64:
+                        return layer_weights(self.mean_logits, self.var_logits, value)
+                else:  # tensor ops: no host read of the step
+                    radius.copy_((step.double() / self.radius_steps).clamp(max=self.max_radius))
+        return layer_weights(self.mean_logits, self.var_logits, radius)
 
     @property
     def mean_weights(self) -> Tensor:
         """Sparsestmax importance weights of the means at the current radius (float64)."""
-        return sparsestmax_weights(self.mean_logits, self.var_logits, self.radius)[0]
+        return layer_weights(self.mean_logits, self.var_logits, self.radius)[0]
 
     @property
     def var_weights(self) -> Tensor:
         """Sparsestmax importance weights of the variances at the current radius (float64)."""
-        return sparsestmax_weights(self.mean_logits, self.var_logits, self.radius)[1]
+        return layer_weights(self.mean_logits, self.var_logits, self.radius)[1]
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
