@@ -15,18 +15,21 @@ Conventions (deliberate, and different from Keras and the official SN code):
 
 How a call runs (:func:`normalize`, the only place these rules live):
 
-1. ``mask`` given, an empty input, a ``torch.func`` transform or forward-mode AD active, or
-   the ``'reference'`` backend: the **reference path**, plain autograd over ATen ops (these
-   transforms have rules for ATen ops only).
+1. An empty input, a ``torch.func`` transform or forward-mode AD active, or the
+   ``'reference'`` backend: the **reference path**, plain autograd over ATen ops (these
+   transforms have rules for ATen ops only). So is a ``mask`` when the backend's kernel set
+   does not declare ``masks`` (only the CPU set does).
 2. Otherwise the backend's kernel set for the input's device (:func:`normkit.kernels.select`):
-   when it runs this exact spec type natively, takes this input's layout and no
-   ``process_group`` is given, the fused **layer operator** ``normkit::layer_forward`` (also
-   under ``torch.compile``, FakeTensor and ``torch.export``, where it is one node of the
-   graph);
+   when it runs this exact spec type natively, takes this input's layout, and neither
+   ``mask`` nor ``process_group`` is given, the fused **layer operator**
+   ``normkit::layer_forward`` (also under ``torch.compile``, FakeTensor and ``torch.export``,
+   where it is one node of the graph);
 3. else, in eager mode on real tensors, the **generic fused path**: the set's four passes
    around the Python mix (:mod:`normkit.kernels._generic`); with ``process_group`` the mix
    merges the batch statistics across processes (one collective forward, one backward);
-4. else the reference path (under ``torch.compile`` Inductor fuses it).
+   with ``mask`` the passes run over the valid positions only (masked passes);
+4. else the reference path (under ``torch.compile`` Inductor fuses it; masked calls under
+   compile or FakeTensor land here too).
 """
 
 from __future__ import annotations
@@ -83,10 +86,10 @@ __all__ = [
 ]
 
 
-def _reference_only(x: Tensor, mask: Optional[Tensor], process_group: Any, compiling: bool) -> bool:
+def _reference_only(x: Tensor, compiling: bool) -> bool:
     """Rule 1 of the module docstring: what only the reference path computes."""
-    if mask is not None or x.numel() == 0:
-        return True  # no kernel takes masks
+    if x.numel() == 0:
+        return True
     # ONNX has no normkit operator. Both exporters trace (TorchScript's tracer, or torch.export
     # while compiling), and the check itself costs as much as a small layer's kernel.
     if (compiling or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export():
@@ -115,11 +118,12 @@ def normalize(
     tracked: Optional[Moments]
     compiling = torch.compiler.is_compiling()
     chosen = None
-    if not _reference_only(x, mask, process_group, compiling):
+    if not _reference_only(x, compiling):
         chosen = kernels.select(x)
-        if chosen is not None and chosen.supports(x, channel_axis) is not None:
-            chosen = None
-    if chosen is not None and process_group is None and chosen.runs_layer(spec):
+        if chosen is not None and (chosen.supports(x, channel_axis) is not None
+                                   or (mask is not None and not chosen.masks)):
+            chosen = None  # (a set that does not declare masks never receives one)
+    if chosen is not None and mask is None and process_group is None and chosen.runs_layer(spec):
         y, tracked = chosen.layer(
             x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, momentum, channel_axis
         )
@@ -131,7 +135,8 @@ def normalize(
         merge_batch = None if process_group is None else functools.partial(all_merge_moments,
                                                                             process_group=process_group)
         mix_fn = functools.partial(_mix_reading, spec, *reads, merge_batch)
-        y, tracked = generic_normalize(chosen, x, channel_axis, mix_fn, (mean_weights, var_weights, weight, bias))
+        y, tracked = generic_normalize(chosen, x, channel_axis, mix_fn, (mean_weights, var_weights, weight, bias),
+                                       mask)
     else:
         y, tracked = _reference(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var,
                                 channel_axis, mask, process_group)

@@ -20,6 +20,13 @@ class KernelSet(NamedTuple):
       ``dy * (x - mean)`` over each (n, c).
     * ``backward_apply(dy, x, mean, scale, p, q, axis) -> dx``:
       ``dy * scale + (x - mean) * q + p`` in x's dtype.
+    * ``masks``: whether the four passes take a validity mask, as the keyword ``mask``: the
+      mask broadcast to x's shape without its channel axis, as a contiguous ``torch.uint8``
+      tensor of N * L elements (1 = valid; positions in x's dim order). Masked, ``moments``
+      returns ``(mean, var, count)`` over the valid positions (``count`` (N, 1), a sample
+      with none gets mean 0 and variance 0), ``reduce`` sums over them only, and ``apply``
+      and ``backward_apply`` write 0 at padded positions; nothing a padded position holds
+      (NaN, inf) reaches any result. A set that does not declare it never receives a mask.
     * ``layer_specs``: the spec *types* (exact classes, never subclasses) whose whole layer
       (mix included) this set runs natively, through ``layer`` (a callable with the
       signature of :func:`normkit.kernels.ops.layer_norm_op`).
@@ -37,6 +44,7 @@ class KernelSet(NamedTuple):
     backward_apply: Callable[..., Tensor]
     layer_specs: tuple[type, ...] = ()
     layer: Optional[Callable[..., tuple]] = None
+    masks: bool = False
 
     def runs_layer(self, spec: object) -> bool:
         """Whether this set runs the whole layer of ``spec`` natively (exact type match)."""

@@ -46,6 +46,16 @@ class _Fns:
         self.backward_apply = _bind(
             f"nk_backward_apply_{sfx}", None, [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _INT]
         )
+        # the masked passes: the mask pointer follows x (moments also writes the counts)
+        self.moments_masked = _bind(f"nk_moments_masked_{sfx}", _INT,
+                                    [_INT, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT])
+        self.apply_masked = _bind(f"nk_apply_masked_{sfx}", _INT,
+                                  [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT])
+        self.reduce_masked = _bind(f"nk_reduce_masked_{sfx}", _INT,
+                                   [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT])
+        self.backward_apply_masked = _bind(
+            f"nk_backward_apply_masked_{sfx}", _INT, [_INT, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _INT]
+        )
         self.layer_forward = _bind(
             f"nk_layer_forward_{sfx}", _INT,
             [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _P, _INT],
@@ -163,6 +173,21 @@ def _like_x(t: Tensor, x: Tensor, name: str) -> None:
 
 # ---- the four passes (the generic fused path) ----------------------------------------------
 
+def _mask_arg(mask: Tensor, n: int, length: int) -> Tensor:
+    """The validity mask the masked C passes read: N * L bytes (uint8, contiguous, CPU)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.uint8 or not mask.is_cpu or mask.layout != torch.strided or not mask.is_contiguous() \
+            or mask.numel() != n * length:
+        raise ValueError(
+            f"mask must be a contiguous CPU torch.uint8 tensor of {n} * {length} = {n * length} elements "
+            f"(the input's shape without its channel axis), got a "
+            f"{'contiguous' if mask.is_contiguous() else 'non-contiguous'} {mask.device.type} {mask.dtype} tensor "
+            f"of shape {tuple(mask.shape)}"
+        )
+    return mask
+
+
 def _per_row(t: Tensor, name: str, n: int, c: int, dtype: torch.dtype) -> Tensor:
     """An (N, C) statistic (or one that broadcasts to it) as the contiguous CPU buffer C reads."""
     if not isinstance(t, Tensor) or t.device.type != "cpu" or t.layout != torch.strided or not t.is_floating_point():
@@ -174,38 +199,58 @@ def _per_row(t: Tensor, name: str, n: int, c: int, dtype: torch.dtype) -> Tensor
         raise ValueError(f"{name} must broadcast to ({n}, {c}), got shape {tuple(t.shape)}") from None
 
 
-def _moments(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+def _moments(x: Tensor, axis: int, mask: Optional[Tensor] = None):
     nlc, n, c, length = check_pass_input(x, axis)
+    if mask is not None:  # (mean, var, count (N, 1)) over the valid positions
+        mask = _mask_arg(mask, n, length)
+        stats = torch.empty(2 * n * c + n, dtype=stat_dtype(x.dtype))
+        mean, var, count = stats[:n * c].view(n, c), stats[n * c:2 * n * c].view(n, c), stats[2 * n * c:].view(n, 1)
+        _check(_FNS[x.dtype].moments_masked(nlc, x.data_ptr(), mask.data_ptr(), n, c, length, count.data_ptr(),
+                                            mean.data_ptr(), var.data_ptr(), torch.get_num_threads()), "moments")
+        return mean, var, count
     stats = torch.empty(2, n, c, dtype=stat_dtype(x.dtype))
     _check(_FNS[x.dtype].moments(nlc, x.data_ptr(), n, c, length, stats[0].data_ptr(), stats[1].data_ptr(),
                                  torch.get_num_threads()), "moments")
     return stats[0], stats[1]
 
 
-def _apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
+def _apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, axis: int, mask: Optional[Tensor] = None) -> Tensor:
     nlc, n, c, length = check_pass_input(x, axis)
     dtype = stat_dtype(x.dtype)
     mu, scale = _per_row(mu, "mu", n, c, dtype), _per_row(scale, "scale", n, c, dtype)
     shift = shift.to(dtype).contiguous() if isinstance(shift, Tensor) else shift
     _stat(shift, "shift", (c,), dtype)
     y = torch.empty_like(x)
+    if mask is not None:
+        mask = _mask_arg(mask, n, length)
+        _check(_FNS[x.dtype].apply_masked(nlc, x.data_ptr(), mask.data_ptr(), y.data_ptr(), n, c, length,
+                                          mu.data_ptr(), scale.data_ptr(), shift.data_ptr(), torch.get_num_threads()),
+               "apply")
+        return y
     _FNS[x.dtype].apply(nlc, x.data_ptr(), y.data_ptr(), n, c, length, mu.data_ptr(), scale.data_ptr(),
                         shift.data_ptr(), torch.get_num_threads())
     return y
 
 
-def _reduce(dy: Tensor, x: Tensor, mean: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+def _reduce(dy: Tensor, x: Tensor, mean: Tensor, axis: int, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     nlc, n, c, length = check_pass_input(x, axis)
     _like_x(dy, x, "dy")
     dy = matching(dy, x, nlc, axis)
     mean = _per_row(mean, "mean", n, c, stat_dtype(x.dtype))
     sums = torch.empty(2, n, c, dtype=mean.dtype)
+    if mask is not None:
+        mask = _mask_arg(mask, n, length)
+        _check(_FNS[x.dtype].reduce_masked(nlc, dy.data_ptr(), x.data_ptr(), mask.data_ptr(), n, c, length,
+                                           mean.data_ptr(), sums[0].data_ptr(), sums[1].data_ptr(),
+                                           torch.get_num_threads()), "reduce")
+        return sums[0], sums[1]
     _check(_FNS[x.dtype].reduce(nlc, dy.data_ptr(), x.data_ptr(), n, c, length, mean.data_ptr(),
                                 sums[0].data_ptr(), sums[1].data_ptr(), torch.get_num_threads()), "reduce")
     return sums[0], sums[1]
 
 
-def _backward_apply(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, p: Tensor, q: Tensor, axis: int) -> Tensor:
+def _backward_apply(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, p: Tensor, q: Tensor, axis: int,
+                    mask: Optional[Tensor] = None) -> Tensor:
     nlc, n, c, length = check_pass_input(x, axis)
     _like_x(dy, x, "dy")
     dy = matching(dy, x, nlc, axis)
@@ -213,6 +258,12 @@ def _backward_apply(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, p: Tenso
     mean, scale, p, q = (_per_row(t, name, n, c, dtype) for t, name in ((mean, "mean"), (scale, "scale"), (p, "p"),
                                                                         (q, "q")))
     dx = torch.empty_like(x)
+    if mask is not None:
+        mask = _mask_arg(mask, n, length)
+        _check(_FNS[x.dtype].backward_apply_masked(nlc, dy.data_ptr(), x.data_ptr(), mask.data_ptr(), dx.data_ptr(),
+                                                   n, c, length, mean.data_ptr(), scale.data_ptr(), p.data_ptr(),
+                                                   q.data_ptr(), torch.get_num_threads()), "backward")
+        return dx
     _FNS[x.dtype].backward_apply(nlc, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, length, mean.data_ptr(),
                                  scale.data_ptr(), p.data_ptr(), q.data_ptr(), torch.get_num_threads())
     return dx
@@ -317,4 +368,4 @@ def update_running(running_mean, running_var, stats, n, c, length, track, moment
     _UPDATE[stats.dtype](n, c, count, rows, mean, var, momentum, running_mean.data_ptr(), running_var.data_ptr())
 
 
-CPU_KERNELS = KernelSet("cpu", _supports, _moments, _apply, _reduce, _backward_apply)
+CPU_KERNELS = KernelSet("cpu", _supports, _moments, _apply, _reduce, _backward_apply, masks=True)

@@ -302,6 +302,332 @@ DEFINE_KERNELS(bf16, uint16_t, float, LD_BF16, ST_BF16)
 DEFINE_KERNELS(f16, half_t, float, LD_F16, ST_F16)
 #endif
 
+/* ---- masked passes ----------------------------------------------------------------------
+ * The same four passes over the valid positions only. mask holds N*L bytes, mask[n*L + l]
+ * nonzero = position l of sample n is valid (L in the layout's position order, the same for
+ * NCL and NLC). Padded values never enter arithmetic whose result is kept: channels-first
+ * rows select (never multiply: 0 * NaN = NaN), channels-last skips padded positions whole.
+ * nk_moments_masked_* also writes the per-sample count of valid positions (count[n], in S);
+ * a sample with none gets mean 0 and variance 0. Padded outputs (y, dx) are 0. The shift of
+ * the shifted sums is the row's first valid value; float64 gets the corrective second pass.
+ * Channels-first loops select with a bitwise AND against an all-ones / all-zeros word per
+ * position (built once per call from the mask: GCC vectorises that, but not a `v ? a : 0`
+ * on the byte mask, which ran 10x slower); AND with zero gives +0 whatever the value was.
+ */
+static inline float keep_f(float d, uint32_t m) {
+    union { float f; uint32_t u; } q;
+    q.f = d;
+    q.u &= m;
+    return q.f;
+}
+static inline double keep_d(double d, uint64_t m) {
+    union { double f; uint64_t u; } q;
+    q.f = d;
+    q.u &= m;
+    return q.f;
+}
+static i64 first_valid(const uint8_t *m, i64 L) {
+    i64 f = 0;
+    while (f < L && !m[f]) f++;
+    return f;
+}
+static i64 count_valid(const uint8_t *m, i64 L) {
+    i64 t = 0;
+    for (i64 l = 0; l < L; l++) t += m[l] != 0;
+    return t;
+}
+
+/* the N*L words of all ones (valid) or zeros (padded) that the channels-first loops AND with */
+#define DEFINE_MASK_WORDS(MT)                                                                   \
+    static MT *mask_words_##MT(const uint8_t *mask, i64 NL) {                                   \
+        MT *w = (MT *)malloc(sizeof(MT) * (size_t)(NL > 0 ? NL : 1));                          \
+        if (!w) return NULL;                                                                    \
+        for (i64 i = 0; i < NL; i++) w[i] = mask[i] ? (MT)~(MT)0 : (MT)0;                       \
+        return w;                                                                               \
+    }
+DEFINE_MASK_WORDS(uint32_t)
+DEFINE_MASK_WORDS(uint64_t)
+
+#define DEFINE_MASKED_KERNELS(SFX, T, S, LD, ST, MT, KEEP)                                       \
+    static void row_sums_masked_##SFX(const T *restrict x, const MT *restrict v, i64 len,        \
+                                      double k, double *s1o, double *s2o) {                     \
+        double s1 = 0.0, s2 = 0.0;                                                              \
+        const S ks = (S)k;                                                                      \
+        for (i64 i0 = 0; i0 < len; i0 += BLOCK) {                                               \
+            i64 i1 = i0 + BLOCK < len ? i0 + BLOCK : len;                                       \
+            S a = 0, b = 0;                                                                     \
+            _Pragma("omp simd reduction(+ : a, b)") for (i64 i = i0; i < i1; i++) {             \
+                S d = KEEP((S)LD(x[i]) - ks, v[i]);                                             \
+                a += d;                                                                         \
+                b += d * d;                                                                     \
+            }                                                                                   \
+            s1 += (double)a;                                                                    \
+            s2 += (double)b;                                                                    \
+        }                                                                                       \
+        *s1o = s1;                                                                              \
+        *s2o = s2;                                                                              \
+    }                                                                                           \
+    static int moments_masked_ncl_##SFX(const T *restrict x, const uint8_t *restrict mask,      \
+                                        i64 N, i64 C, i64 L, const i64 *cnt, S *mean, S *var,   \
+                                        int two_pass, int nt) {                                 \
+        i64 rows = N * C;                                                                       \
+        MT *words = mask_words_##MT(mask, N * L);                                               \
+        if (!words) return -1;                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")               \
+        for (i64 r = 0; r < rows; r++) {                                                        \
+            const i64 n = r / C, cn = cnt[n];                                                   \
+            const T *xr = x + r * L;                                                            \
+            const uint8_t *mr = mask + n * L;                                                   \
+            const MT *wr = words + n * L;                                                       \
+            if (cn == 0) {                                                                      \
+                mean[r] = (S)0;                                                                 \
+                var[r] = (S)0;                                                                  \
+                continue;                                                                       \
+            }                                                                                   \
+            double k = (double)LD(xr[first_valid(mr, L)]), s1, s2;                              \
+            row_sums_masked_##SFX(xr, wr, L, k, &s1, &s2);                                      \
+            if (two_pass) {                                                                     \
+                k += s1 / (double)cn;                                                           \
+                row_sums_masked_##SFX(xr, wr, L, k, &s1, &s2);                                  \
+            }                                                                                   \
+            double m = s1 / (double)cn, v = s2 / (double)cn - m * m;                            \
+            mean[r] = (S)(k + m);                                                               \
+            var[r] = (S)(v < 0.0 ? 0.0 : v);                                                    \
+        }                                                                                       \
+        free(words);                                                                            \
+        return 0;                                                                               \
+    }                                                                                           \
+    static int moments_masked_nlc_##SFX(const T *restrict x, const uint8_t *restrict mask,      \
+                                        i64 N, i64 C, i64 L, const i64 *cnt, S *mean, S *var,   \
+                                        int two_pass, int nt) {                                 \
+        i64 chunks = nlc_chunks(N, L, nt), units = N * chunks;                                 \
+        size_t unit_bytes = (size_t)C * (2 * sizeof(double) + 3 * sizeof(S));                   \
+        char *ws = (char *)malloc(unit_bytes * (size_t)units + sizeof(double) * (size_t)(N * C)); \
+        if (!ws) return -1;                                                                     \
+        double *shift = (double *)(ws + unit_bytes * (size_t)units);                            \
+        for (i64 n = 0; n < N; n++) {                                                           \
+            i64 f = first_valid(mask + n * L, L);                                               \
+            for (i64 c = 0; c < C; c++)                                                         \
+                shift[n * C + c] = f < L ? (double)LD(x[(n * L + f) * C + c]) : 0.0;            \
+        }                                                                                       \
+        for (int pass = 0; pass <= two_pass; pass++) {                                          \
+            _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")           \
+            for (i64 u = 0; u < units; u++) {                                                   \
+                i64 n = u / chunks, j = u % chunks;                                             \
+                i64 l0 = L * j / chunks, l1 = L * (j + 1) / chunks;                             \
+                double *restrict a = (double *)(ws + unit_bytes * (size_t)u), *restrict b = a + C; \
+                S *restrict fa = (S *)(b + C), *restrict fb = fa + C, *restrict ks = fb + C;    \
+                const uint8_t *mr = mask + n * L;                                               \
+                memset(a, 0, sizeof(double) * (size_t)(2 * C));                                \
+                for (i64 c = 0; c < C; c++) ks[c] = (S)shift[n * C + c];                        \
+                for (i64 b0 = l0; b0 < l1; b0 += BLOCK) {                                       \
+                    i64 b1 = b0 + BLOCK < l1 ? b0 + BLOCK : l1;                                 \
+                    memset(fa, 0, sizeof(S) * (size_t)(2 * C));                                 \
+                    for (i64 l = b0; l < b1; l++) {                                             \
+                        if (!mr[l]) continue; /* a padded position: nothing of it is read */    \
+                        const T *restrict xr = x + (n * L + l) * C;                             \
+                        _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                       \
+                            S d = (S)LD(xr[c]) - ks[c];                                         \
+                            fa[c] += d;                                                         \
+                            fb[c] += d * d;                                                     \
+                        }                                                                       \
+                    }                                                                           \
+                    _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                           \
+                        a[c] += (double)fa[c];                                                  \
+                        b[c] += (double)fb[c];                                                  \
+                    }                                                                           \
+                }                                                                               \
+            }                                                                                   \
+            for (i64 n = 0; n < N; n++) {                                                       \
+                const i64 cn = cnt[n];                                                          \
+                for (i64 c = 0; c < C; c++) {                                                   \
+                    double s1, s2;                                                              \
+                    chunk_sums(ws, unit_bytes, n, chunks, C, c, &s1, &s2);                      \
+                    double m = cn ? s1 / (double)cn : 0.0;                                      \
+                    double v = cn ? s2 / (double)cn - m * m : 0.0;                              \
+                    if (pass < two_pass) {                                                      \
+                        shift[n * C + c] += m;                                                  \
+                    } else {                                                                    \
+                        mean[n * C + c] = (S)(shift[n * C + c] + m);                            \
+                        var[n * C + c] = (S)(v < 0.0 ? 0.0 : v);                                \
+                    }                                                                           \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        free(ws);                                                                               \
+        return 0;                                                                               \
+    }                                                                                           \
+    NK_API int nk_moments_masked_##SFX(int nlc, const T *x, const uint8_t *mask, i64 N, i64 C,  \
+                                       i64 L, S *count, S *mean, S *var, int nt) {              \
+        nt = threads_for(N * C * L, nt);                                                        \
+        int two_pass = sizeof(S) == sizeof(double);                                             \
+        i64 *cnt = (i64 *)malloc(sizeof(i64) * (size_t)(N > 0 ? N : 1));                       \
+        if (!cnt) return -1;                                                                    \
+        for (i64 n = 0; n < N; n++) {                                                           \
+            cnt[n] = count_valid(mask + n * L, L);                                              \
+            count[n] = (S)cnt[n];                                                               \
+        }                                                                                       \
+        int code = 0;                                                                           \
+        if (nlc)                                                                                \
+            code = moments_masked_nlc_##SFX(x, mask, N, C, L, cnt, mean, var, two_pass, nt);    \
+        else                                                                                    \
+            code = moments_masked_ncl_##SFX(x, mask, N, C, L, cnt, mean, var, two_pass, nt);    \
+        free(cnt);                                                                              \
+        return code;                                                                            \
+    }                                                                                           \
+    /* y = valid ? (x - mu[n,c]) * scale[n,c] + shift[c] : 0 */                                 \
+    NK_API int nk_apply_masked_##SFX(int nlc, const T *restrict x, const uint8_t *restrict mask, \
+                                      T *restrict y, i64 N, i64 C, i64 L, const S *restrict mu, \
+                                      const S *restrict sc, const S *restrict sh, int nt) {     \
+        nt = threads_for(N * C * L, nt);                                                        \
+        if (nlc) {                                                                              \
+            _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")           \
+            for (i64 r = 0; r < N * L; r++) {                                                   \
+                i64 n = r / L;                                                                  \
+                const T *restrict xr = x + r * C;                                               \
+                T *restrict yr = y + r * C;                                                     \
+                if (!mask[r]) {                                                                 \
+                    memset(yr, 0, sizeof(T) * (size_t)C); /* 0 in every element type */         \
+                    continue;                                                                   \
+                }                                                                               \
+                const S *restrict m = mu + n * C, *restrict s = sc + n * C;                     \
+                _Pragma("omp simd") for (i64 c = 0; c < C; c++) yr[c] =                         \
+                    ST(((S)LD(xr[c]) - m[c]) * s[c] + sh[c]);                                   \
+            }                                                                                   \
+            return 0;                                                                           \
+        }                                                                                       \
+        MT *words = mask_words_##MT(mask, N * L);                                               \
+        if (!words) return -1;                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")               \
+        for (i64 r = 0; r < N * C; r++) {                                                       \
+            const T *restrict xr = x + r * L;                                                   \
+            const MT *restrict v = words + (r / C) * L;                                         \
+            T *restrict yr = y + r * L;                                                         \
+            const S m = mu[r], s = sc[r], b = sh[r % C];                                        \
+            _Pragma("omp simd") for (i64 i = 0; i < L; i++) yr[i] =                             \
+                ST(KEEP(((S)LD(xr[i]) - m) * s + b, v[i]));                                     \
+        }                                                                                       \
+        free(words);                                                                            \
+        return 0;                                                                               \
+    }                                                                                           \
+    /* sums of dy and dy * (x - mean[n,c]) over the valid positions of each (n, c) */          \
+    NK_API int nk_reduce_masked_##SFX(int nlc, const T *restrict dy, const T *restrict x,        \
+                                      const uint8_t *restrict mask, i64 N, i64 C, i64 L,        \
+                                      const S *restrict mean, S *sdy, S *sdyxc, int nt) {       \
+        nt = threads_for(N * C * L, nt);                                                        \
+        if (!nlc) {                                                                             \
+            MT *words = mask_words_##MT(mask, N * L);                                           \
+            if (!words) return -1;                                                              \
+            _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")           \
+            for (i64 r = 0; r < N * C; r++) {                                                   \
+                const T *restrict g = dy + r * L, *restrict xr = x + r * L;                     \
+                const MT *restrict v = words + (r / C) * L;                                     \
+                const S m = mean[r];                                                            \
+                double s1 = 0.0, s2 = 0.0;                                                      \
+                for (i64 i0 = 0; i0 < L; i0 += BLOCK) {                                         \
+                    i64 i1 = i0 + BLOCK < L ? i0 + BLOCK : L;                                   \
+                    S a = 0, b = 0;                                                             \
+                    _Pragma("omp simd reduction(+ : a, b)") for (i64 i = i0; i < i1; i++) {     \
+                        S gi = (S)LD(g[i]);                                                     \
+                        S gx = gi * ((S)LD(xr[i]) - m);                                         \
+                        a += KEEP(gi, v[i]);                                                    \
+                        b += KEEP(gx, v[i]);                                                    \
+                    }                                                                           \
+                    s1 += (double)a;                                                            \
+                    s2 += (double)b;                                                            \
+                }                                                                               \
+                sdy[r] = (S)s1;                                                                 \
+                sdyxc[r] = (S)s2;                                                               \
+            }                                                                                   \
+            free(words);                                                                        \
+            return 0;                                                                           \
+        }                                                                                       \
+        i64 chunks = nlc_chunks(N, L, nt), units = N * chunks;                                 \
+        size_t unit_bytes = (size_t)C * (2 * sizeof(double) + 2 * sizeof(S));                   \
+        char *ws = (char *)malloc(unit_bytes * (size_t)units);                                  \
+        if (!ws) return -1;                                                                     \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")               \
+        for (i64 u = 0; u < units; u++) {                                                       \
+            i64 n = u / chunks, j = u % chunks;                                                 \
+            i64 l0 = L * j / chunks, l1 = L * (j + 1) / chunks;                                 \
+            double *restrict a = (double *)(ws + unit_bytes * (size_t)u), *restrict b = a + C;  \
+            S *restrict fa = (S *)(b + C), *restrict fb = fa + C;                               \
+            const S *restrict m = mean + n * C;                                                 \
+            const uint8_t *mr = mask + n * L;                                                   \
+            memset(a, 0, sizeof(double) * (size_t)(2 * C));                                    \
+            for (i64 b0 = l0; b0 < l1; b0 += BLOCK) {                                           \
+                i64 b1 = b0 + BLOCK < l1 ? b0 + BLOCK : l1;                                     \
+                memset(fa, 0, sizeof(S) * (size_t)(2 * C));                                     \
+                for (i64 l = b0; l < b1; l++) {                                                 \
+                    if (!mr[l]) continue;                                                       \
+                    const T *restrict g = dy + (n * L + l) * C, *restrict xr = x + (n * L + l) * C; \
+                    _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                           \
+                        S gi = (S)LD(g[c]);                                                     \
+                        fa[c] += gi;                                                            \
+                        fb[c] += gi * ((S)LD(xr[c]) - m[c]);                                    \
+                    }                                                                           \
+                }                                                                               \
+                _Pragma("omp simd") for (i64 c = 0; c < C; c++) {                               \
+                    a[c] += (double)fa[c];                                                      \
+                    b[c] += (double)fb[c];                                                      \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        for (i64 n = 0; n < N; n++)                                                             \
+            for (i64 c = 0; c < C; c++) {                                                       \
+                double s1, s2;                                                                  \
+                chunk_sums(ws, unit_bytes, n, chunks, C, c, &s1, &s2);                          \
+                sdy[n * C + c] = (S)s1;                                                         \
+                sdyxc[n * C + c] = (S)s2;                                                       \
+            }                                                                                   \
+        free(ws);                                                                               \
+        return 0;                                                                               \
+    }                                                                                           \
+    /* dx = valid ? dy * scale[n,c] + (x - mean[n,c]) * q[n,c] + p[n,c] : 0 */                  \
+    NK_API int nk_backward_apply_masked_##SFX(int nlc, const T *restrict dy, const T *restrict x, \
+                                               const uint8_t *restrict mask, T *restrict dx,   \
+                                               i64 N, i64 C, i64 L, const S *restrict mean,     \
+                                               const S *restrict sc, const S *restrict p,       \
+                                               const S *restrict q, int nt) {                   \
+        nt = threads_for(N * C * L, nt);                                                        \
+        if (nlc) {                                                                              \
+            _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")           \
+            for (i64 r = 0; r < N * L; r++) {                                                   \
+                i64 o = (r / L) * C;                                                            \
+                const T *restrict g = dy + r * C, *restrict xr = x + r * C;                     \
+                T *restrict d = dx + r * C;                                                     \
+                if (!mask[r]) {                                                                 \
+                    memset(d, 0, sizeof(T) * (size_t)C);                                        \
+                    continue;                                                                   \
+                }                                                                               \
+                _Pragma("omp simd") for (i64 c = 0; c < C; c++) d[c] =                          \
+                    ST((S)LD(g[c]) * sc[o + c] + ((S)LD(xr[c]) - mean[o + c]) * q[o + c] +      \
+                       p[o + c]);                                                               \
+            }                                                                                   \
+            return 0;                                                                           \
+        }                                                                                       \
+        MT *words = mask_words_##MT(mask, N * L);                                               \
+        if (!words) return -1;                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")               \
+        for (i64 r = 0; r < N * C; r++) {                                                       \
+            const T *restrict g = dy + r * L, *restrict xr = x + r * L;                         \
+            const MT *restrict v = words + (r / C) * L;                                         \
+            T *restrict d = dx + r * L;                                                         \
+            const S m = mean[r], s = sc[r], pp = p[r], qq = q[r];                               \
+            _Pragma("omp simd") for (i64 i = 0; i < L; i++) d[i] =                              \
+                ST(KEEP((S)LD(g[i]) * s + ((S)LD(xr[i]) - m) * qq + pp, v[i]));                 \
+        }                                                                                       \
+        free(words);                                                                            \
+        return 0;                                                                               \
+    }
+
+DEFINE_MASKED_KERNELS(f32, float, float, LD_ID, ST_F32, uint32_t, keep_f)
+DEFINE_MASKED_KERNELS(f64, double, double, LD_ID, ST_F64, uint64_t, keep_d)
+DEFINE_MASKED_KERNELS(bf16, uint16_t, float, LD_BF16, ST_BF16, uint32_t, keep_f)
+#if NK_HAS_HALF
+DEFINE_MASKED_KERNELS(f16, half_t, float, LD_F16, ST_F16, uint32_t, keep_f)
+#endif
+
 NK_API int nk_has_half(void) { return NK_HAS_HALF; }
 
 /* ---- the O(N*C) mixer ----------------------------------------------------------------
