@@ -156,13 +156,11 @@ class _BatchRenorm(NormBase):
             F._check_clip(rmax, dmax)
             return rmax, dmax
         start, r_at, d_at = self.warmup
-
-        def ramp(end: int, low: float, high: float) -> float:
-            if step <= start:
-                return low
-            return high if step >= end else low + (high - low) * (step - start) / (end - start)
-
-        return ramp(r_at, 1.0, self.r_max), ramp(d_at, 0.0, self.d_max)
+        if step <= start:
+            return 1.0, 0.0
+        rmax = self.r_max if step >= r_at else 1.0 + (self.r_max - 1.0) * (step - start) / (r_at - start)
+        dmax = self.d_max if step >= d_at else self.d_max * (step - start) / (d_at - start)
+        return rmax, dmax
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batch and no warm-up step seen."""
@@ -183,8 +181,9 @@ class _BatchRenorm(NormBase):
                 f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
                 f"({type(self).__name__}); use a batch of 2 or more, eval(), or frozen=True"
             )
-        batches = self.num_batches_tracked
-        if self.renorm_step.is_meta or isinstance(self.renorm_step, FakeTensor):  # no values: the initial bounds
+        buffers = self._buffers
+        batches, step = buffers["num_batches_tracked"], buffers["renorm_step"]
+        if step.is_meta or isinstance(step, FakeTensor):  # no values: the initial bounds
             batches.add_(1)
             rmax, dmax = self._clip_at(0)
         elif torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():  # one warm-up step
@@ -205,7 +204,8 @@ class _BatchRenorm(NormBase):
         ``fill_``) bumps: while they match, the step is known without reading the buffer
         back and unchanged bounds are not written again (on small inputs each of those tensor
         operations costs a tenth of the layer)."""
-        step_t, rmax_t, dmax_t = self.renorm_step, self.renorm_rmax, self.renorm_dmax
+        buffers = self._buffers
+        step_t, rmax_t, dmax_t = buffers["renorm_step"], buffers["renorm_rmax"], buffers["renorm_dmax"]
         cached = self.__dict__.get("_renorm_cache")  # (the three buffers, their versions, step, bounds)
         hit = cached is not None and cached[0] is step_t and cached[1] is rmax_t and cached[2] is dmax_t \
             and cached[3] == (step_t._version, rmax_t._version, dmax_t._version)
