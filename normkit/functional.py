@@ -27,7 +27,9 @@ How a call runs (:func:`normalize`, the only place these rules live):
 3. else, in eager mode on real tensors, the **generic fused path**: the set's four passes
    around the Python mix (:mod:`normkit.kernels._generic`); with ``process_group`` the mix
    merges the batch statistics across processes (one collective forward, one backward);
-   with ``mask`` the passes run over the valid positions only (masked passes);
+   with ``mask`` the passes run over the valid positions only (masked passes). A masked
+   call of a spec the set runs natively (``masked_layer``) takes the masked passes around
+   the C mixer instead of the Python mix (each sample weighted by its valid count);
 4. else the reference path (under ``torch.compile`` Inductor fuses it; masked calls under
    compile or FakeTensor land here too).
 """
@@ -127,6 +129,10 @@ def normalize(
         y, tracked = chosen.layer(
             x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, momentum, channel_axis
         )
+    elif chosen is not None and mask is not None and process_group is None and chosen.masked_layer is not None \
+            and chosen.runs_layer(spec) and not compiling and not isinstance(x, FakeTensor):
+        y, tracked = chosen.masked_layer(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var,
+                                         channel_axis, mask)
     elif chosen is not None and not compiling and not isinstance(x, FakeTensor):
         reads = (running_mean, running_var) if spec.reads_running else (None, None)
         if spec.reads_running and spec.tracked is not None and running_mean is not None:

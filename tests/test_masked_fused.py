@@ -25,7 +25,8 @@ from normkit.kernels import cpu
 from normkit.kernels._generic import generic_normalize
 from normkit.kernels.aten import ATEN_KERNELS
 
-FUSED = "_GenericNormBackward"
+FUSED = "_MaskedLayerFunctionBackward"  # the masked passes around the C mixer
+GENERIC = "_GenericNormBackward"  # the masked passes around the Python mix
 C = 6  # channels (divisible by every group count of the table: 2, 3)
 
 # every configuration with a channel axis, plus layer norm as a one-group group norm
@@ -234,7 +235,7 @@ def test_routing():
     mask = torch.rand(2, 5) > 0.3
     with normkit.use_backend("aten"):  # declares no masks: the reference path
         assert type(layer(x, mask).grad_fn).__name__ != FUSED
-        assert type(layer(x).grad_fn).__name__ == FUSED  # unmasked: its passes
+        assert type(layer(x).grad_fn).__name__ == GENERIC  # unmasked: its passes
     with normkit.use_backend("cpu"):
         assert type(layer(x, mask).grad_fn).__name__ == FUSED
         assert type(layer(x).grad_fn).__name__ != FUSED  # unmasked SN: the layer operator
@@ -371,3 +372,35 @@ def test_memory_layouts(memory):
     assert cpu.layout_of(x, axis) is not None and dy.stride() == x.stride()
     layer = (normkit.SwitchNorm3d if x.dim() == 5 else normkit.SwitchNorm2d)(4, axis=axis).double()
     assert_same(run(layer, x, dy, mask, "cpu"), run(layer, x, dy, mask, "reference"), torch.float64, valid)
+
+
+def test_generic_masked_path_for_a_spec_no_mixer_knows():
+    """A spec type that no C mixer was written for takes the masked passes around its own
+    Python mix, with the same results as the masked reference."""
+    import dataclasses
+
+    from normkit._core import MixSpec
+
+    @dataclasses.dataclass(frozen=True)
+    class OwnSpec(MixSpec):
+        pass
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 9, dtype=torch.float64) * 3 + 1
+    mask = torch.rand(3, 9) > 0.3
+    mask[2] = False
+    x[~mask[:, None].expand_as(x)] = float("nan")
+    w, b = torch.rand(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    mw = vw = torch.full((3,), 1 / 3, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    spec = OwnSpec(("in", "ln", "bn"), 1e-5)
+    got = []
+    for backend in ("cpu", "reference"):
+        xi = x.clone().requires_grad_()
+        with normkit.use_backend(backend):
+            y = F.normalize(xi, spec, w, b, mw, vw, channel_axis=1, mask=mask)
+        (dx,) = torch.autograd.grad(y, [xi], dy)
+        got.append((y, dx, type(y.grad_fn).__name__))
+    assert got[0][2] == GENERIC
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[0][1], got[1][1], rtol=1e-10, atol=1e-10)

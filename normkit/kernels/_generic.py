@@ -33,7 +33,7 @@ from torch import Tensor
 from normkit._core import Moments, apply_affine, broadcast_mask, moments
 from normkit.kernels._protocol import KernelSet
 
-__all__ = ["generic_normalize"]
+__all__ = ["generic_normalize", "kernel_mask"]
 
 MixFn = Callable[..., tuple[Tensor, Tensor, Tensor, Optional[Moments]]]
 
@@ -147,12 +147,12 @@ def generic_normalize(kernels: KernelSet, x: Tensor, axis: int, mix_fn: MixFn, s
     if mask is not None:
         if not kernels.masks:
             raise ValueError(f"the {kernels.name!r} kernel set takes no masks")
-        masks = _kernel_mask(x, axis, mask)
+        masks = kernel_mask(x, axis, mask)
     y = _GenericNorm.apply(x, kernels, axis, mix_fn, tracked, record, masks, *small)
     return y, tracked[0]
 
 
-def _kernel_mask(x: Tensor, axis: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+def kernel_mask(x: Tensor, axis: int, mask: Tensor) -> tuple[Tensor, Tensor]:
     """``(valid, mask8)``: the mask checked and broadcast to x's shape without its channel
     axis (bool), and the same as the contiguous uint8 (N, L) the kernels read."""
     target = list(x.shape)

@@ -27,6 +27,9 @@ class KernelSet(NamedTuple):
       with none gets mean 0 and variance 0), ``reduce`` sums over them only, and ``apply``
       and ``backward_apply`` write 0 at padded positions; nothing a padded position holds
       (NaN, inf) reaches any result. A set that does not declare it never receives a mask.
+    * ``masked_layer``: optional, for a set with ``masks``: the whole layer of a spec in
+      ``layer_specs`` with a mask (eager mode on real tensors), signature of
+      :func:`normkit.kernels.ops.masked_layer_op`.
     * ``layer_specs``: the spec *types* (exact classes, never subclasses) whose whole layer
       (mix included) this set runs natively, through ``layer`` (a callable with the
       signature of :func:`normkit.kernels.ops.layer_norm_op`).
@@ -45,6 +48,7 @@ class KernelSet(NamedTuple):
     layer_specs: tuple[type, ...] = ()
     layer: Optional[Callable[..., tuple]] = None
     masks: bool = False
+    masked_layer: Optional[Callable[..., tuple]] = None
 
     def runs_layer(self, spec: object) -> bool:
         """Whether this set runs the whole layer of ``spec`` natively (exact type match)."""

@@ -71,6 +71,13 @@ _UPDATE = {
     dtype: _bind(f"nk_update_running_{sfx}", None, [_I64, _I64, _I64, _INT, _P, _P, _DBL, _P, _P])
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"))
 }
+# the C mixer on its own (masked layers: the masked passes around it)
+_MIX = {
+    dtype: (_bind(f"nk_mix_forward_{sfx}", _INT, [_I64, _I64, _INT, _P, _P, _INT] + [_P] * 8 + [_DBL] + [_P] * 8),
+            _bind(f"nk_mix_backward_{sfx}", _INT,
+                  [_I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 7 + [_DBL] + [_P] * 10))
+    for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"))
+}
 _UPDATE_RENORM = {
     dtype: _bind(f"nk_update_renorm_{sfx}", None, [_I64, _I64, _P, _P, _DBL, _DBL, _P, _P])
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"))
@@ -369,3 +376,43 @@ def update_running(running_mean, running_var, stats, n, c, length, track, moment
 
 
 CPU_KERNELS = KernelSet("cpu", _supports, _moments, _apply, _reduce, _backward_apply, masks=True)
+
+
+def mix_forward(mean, var, count, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                constant_mask, eps, renorm=None):
+    """The C mixer from per-(n, c) moments over ``count`` (N, 1) values per sample: ``(mu,
+    scale (N, C), shift (C,), batch mean, batch var (C,), rd (2C,) or None)``. Every tensor
+    was validated by the caller (shapes, the statistics dtype, contiguity)."""
+    n, c = mean.shape
+    dtype = mean.dtype
+    plan = _plan(kinds, groups, constant_mask, renorm)
+    out = torch.empty(2 * n * c + (5 if renorm else 3) * c, dtype=dtype)
+    mu, scale = out[:n * c].view(n, c), out[n * c:2 * n * c].view(n, c)
+    shift, bn_mean, bn_var = (out[2 * n * c + k * c:2 * n * c + (k + 1) * c] for k in range(3))
+    rd = out[2 * n * c + 3 * c:] if renorm else None
+    _check(_MIX[dtype][0](n, c, plan.k, plan.kinds, plan.groups, constant_mask, mean.data_ptr(), var.data_ptr(),
+                          _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
+                          _ptr(bias), eps, plan.renorm, count.data_ptr(), mu.data_ptr(), scale.data_ptr(),
+                          shift.data_ptr(), bn_mean.data_ptr(), bn_var.data_ptr(), _ptr(rd)), "mix")
+    return mu, scale, shift, bn_mean, bn_var, rd
+
+
+def mix_backward(mean, var, count, sum_dy, sum_dy_xc, weight, mean_weights, var_weights, running_mean, running_var,
+                 rd, kinds, groups, constant_mask, eps, want):
+    """The C mixer's closed-form backward: ``(p, q, dweight, dbias, dmean_weights,
+    dvar_weights)`` (None where ``want`` says not wanted) for ``dx = dy * scale + p + q * (x -
+    mean)``."""
+    n, c = mean.shape
+    dtype = mean.dtype
+    plan = _plan(kinds, groups, constant_mask)
+    pq = torch.empty(2, n, c, dtype=dtype)
+    _, want_w, want_b, want_mw, want_vw = want
+    dw = torch.empty(c, dtype=dtype) if want_w else None
+    db = torch.empty(c, dtype=dtype) if want_b else None
+    dmw = torch.empty(plan.k, dtype=torch.float64) if want_mw and plan.k > 1 else None
+    dvw = torch.empty(plan.k, dtype=torch.float64) if want_vw and plan.k > 1 else None
+    _check(_MIX[dtype][1](n, c, 1, plan.k, plan.kinds, plan.groups, constant_mask, mean.data_ptr(), var.data_ptr(),
+                          _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
+                          eps, sum_dy.data_ptr(), sum_dy_xc.data_ptr(), _ptr(rd), count.data_ptr(), pq[0].data_ptr(),
+                          pq[1].data_ptr(), _ptr(dw), _ptr(db), _ptr(dmw), _ptr(dvw)), "mix backward")
+    return pq[0], pq[1], dw, db, dmw, dvw

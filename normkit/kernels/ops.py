@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import _len_torch_dispatch_stack
 
 from normkit._core import MixSpec, Moments, RenormSpec, apply_affine, mix, moments, spec_from_codes, stat_dtype
 from normkit.kernels import cpu
+from normkit.kernels._generic import kernel_mask
 from normkit.kernels._protocol import KernelSet
 
 __all__ = ["CPU_KERNELS", "layer_norm_op"]
@@ -354,6 +355,101 @@ def _plain_eager(x: Tensor) -> bool:
         and not torch.compiler.is_compiling() and _len_torch_dispatch_stack() == 0
 
 
+class _MaskedLayerFunction(torch.autograd.Function):
+    """A masked layer in eager mode on CPU: the masked C passes around the C mixer, which
+    weights the batch merge by each sample's valid count (no Python mix). ``codes`` as for
+    :class:`_LayerFunction`; ``masks = (valid, mask8)`` from :func:`kernel_mask`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_weights, var_weights, running_mean, running_var, codes,
+                masks):  # type: ignore[override]
+        kinds, groups, constant_mask, eps, axis, renorm = codes
+        valid, mask8 = masks
+        _validate_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+                          constant_mask, eps, axis, renorm)
+        mean, var, count = cpu._moments(x, axis, mask8)
+        mu, scale, shift, bn_mean, bn_var, rd = cpu.mix_forward(
+            mean, var, count, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
+            constant_mask, eps, renorm)
+        y = cpu._apply(x, mu, scale, shift, axis, mask8)
+        ctx.codes, ctx.valid = codes, valid
+        if not constant_mask:  # renorm's running statistics move right after; its r, d are in rd
+            running_mean = running_var = None
+        ctx.save_for_backward(x, mean, var, count, scale, mask8, rd, weight, bias, mean_weights, var_weights,
+                              running_mean, running_var)
+        ctx.mark_non_differentiable(mean, var, count, bn_mean, bn_var)
+        return y, mean, var, count, bn_mean, bn_var
+
+    @staticmethod
+    def backward(ctx, dy, *_unused):  # type: ignore[override]
+        x, mean, var, count, scale, mask8, rd, weight, bias, mean_weights, var_weights, running_mean, running_var = \
+            ctx.saved_tensors
+        kinds, groups, constant_mask, eps, axis, renorm = ctx.codes
+        need = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or not _is_dense_cpu(dy):
+            spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps, renorm)
+            grads = _masked_differentiable_backward(spec, axis, dy, x, ctx.valid, weight, bias, mean_weights,
+                                                    var_weights, running_mean, running_var, need, rd)
+            return (*grads, None, None, None, None)
+        _validate_dy(dy, x)
+        sum_dy, sum_dy_xc = cpu._reduce(dy, x, mean, axis, mask8)
+        p, q, dw, db, dmw, dvw = cpu.mix_backward(mean, var, count, sum_dy, sum_dy_xc, weight, mean_weights,
+                                                  var_weights, running_mean, running_var, rd, kinds, groups,
+                                                  constant_mask, eps, need)
+        dx = cpu._backward_apply(dy, x, mean, scale, p, q, axis, mask8) if need[0] else None
+        return (dx, dw if need[1] else None, db if need[2] else None, dmw if need[3] else None,
+                dvw if need[4] else None, None, None, None, None)
+
+
+def _masked_differentiable_backward(spec, axis, dy, x, valid, weight, bias, mean_weights, var_weights, running_mean,
+                                    running_var, need, rd) -> list:
+    """The masked layer's gradients through the reference maths (double backward, batched
+    gradients); Batch Renorm's r and d are the forward's."""
+    inputs = (x, weight, bias, mean_weights, var_weights)
+    wanted = [t for t, want in zip(inputs, need) if want and t is not None]
+    shape = list(x.shape)
+    shape[axis] = 1
+    keep = valid.unsqueeze(axis).expand(x.shape)
+    with torch.enable_grad():
+        m_in = moments(x, axis, valid)
+        if isinstance(spec, RenormSpec):
+            mu, scale, shift, _ = spec.mix(m_in, None, None, weight, bias, correction=tuple(rd.view(2, -1)))
+        else:
+            mu, scale, shift, _ = mix(spec, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
+        y = apply_affine(torch.where(keep, x, 0.0), mu, scale, shift, axis)
+        y = torch.where(keep, y, 0.0)
+    found = iter(torch.autograd.grad(y, wanted, dy, create_graph=torch.is_grad_enabled(), allow_unused=True))
+    return [next(found) if want and t is not None else None for t, want in zip(inputs, need)]
+
+
+def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
+                    axis: int, mask: Tensor) -> tuple[Tensor, Optional[Moments]]:
+    """A masked layer in eager mode on plain CPU tensors: ``(y, tracked)``, ``tracked`` the
+    statistics the caller moves the running averages with (per-sample ones for an IN
+    running average, the batch's over its valid values otherwise)."""
+    kinds, groups, constant_mask = spec.codes
+    eps = float(spec.eps)
+    renorm = [spec.r_max, spec.d_max] if type(spec) is RenormSpec else None
+    dtype = stat_dtype(x.dtype)
+    weight, bias = _as_stat(weight, dtype), _as_stat(bias, dtype)
+    if len(kinds) == 1:
+        mean_weights = var_weights = None
+    else:
+        mean_weights, var_weights = _as_stat(mean_weights, torch.float64), _as_stat(var_weights, torch.float64)
+    read_mean = read_var = None
+    if constant_mask or renorm:
+        read_mean, read_var = _as_stat(_detached(running_mean), dtype), _as_stat(_detached(running_var), dtype)
+    masks = kernel_mask(x, axis, mask)
+    y, mean, var, count, bn_mean, bn_var = _MaskedLayerFunction.apply(
+        x, weight, bias, mean_weights, var_weights, read_mean, read_var, (kinds, groups, constant_mask, eps, axis,
+                                                                          renorm), masks)
+    if spec.tracked is None or running_mean is None:
+        return y, None
+    if spec.tracked == "in":
+        return y, Moments(count, mean, var)
+    return y, Moments(count.sum().reshape(1, 1), bn_mean.view(1, -1), bn_var.view(1, -1))
+
+
 def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
                   momentum: float, axis: int) -> tuple[Tensor, Optional[Moments]]:
     """Run one layer through ``normkit::layer_forward``: ``(y, tracked)`` where ``tracked``
@@ -415,4 +511,5 @@ def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
-CPU_KERNELS: KernelSet = cpu.CPU_KERNELS._replace(layer_specs=(MixSpec, RenormSpec), layer=layer_norm_op)
+CPU_KERNELS: KernelSet = cpu.CPU_KERNELS._replace(layer_specs=(MixSpec, RenormSpec), layer=layer_norm_op,
+                                                  masked_layer=masked_layer_op)

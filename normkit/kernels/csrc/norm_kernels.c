@@ -712,11 +712,21 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
     }
 }
 
-/* Fill each source's statistics from the IN moments (or the running ones). */
+/* Fill each source's statistics from the IN moments (or the running ones). cnt: per-sample
+   counts (masked inputs), NULL when every sample has L values. */
 #define DEFINE_MIXER(SFX, S)                                                                    \
+    static double total_count_##SFX(const S *cnt, i64 N) {                                      \
+        double t = 0.0;                                                                         \
+        for (i64 n = 0; n < N; n++) t += (double)cnt[n];                                        \
+        return t;                                                                               \
+    }                                                                                           \
+    /* sample n's share of the batch (0 for every sample when the batch has no value) */       \
+    static inline double share_##SFX(const S *cnt, i64 n, double tot) {                         \
+        return tot > 0.0 ? (double)cnt[n] / tot : 0.0;                                          \
+    }                                                                                           \
     static void build_sources_##SFX(i64 N, i64 C, int K, const int *kinds, const i64 *groups,   \
                                     const S *mean, const S *var, const S *rmean, const S *rvar,  \
-                                    int const_mask, source_t *src, double *pool) {              \
+                                    int const_mask, const S *cnt, source_t *src, double *pool) { \
         for (int k = 0; k < K; k++) {                                                           \
             source_t *s = &src[k];                                                              \
             s->kind = kinds[k];                                                                 \
@@ -757,6 +767,13 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
                     s->m[n] = a;                                                                \
                     s->v[n] = b * inv;                                                          \
                 }                                                                               \
+                continue;                                                                       \
+            }                                                                                   \
+            if (s->kind == 2 && cnt) { /* samples of unequal counts (masks): weights n_i / n */  \
+                const double tot = total_count_##SFX(cnt, N);                                    \
+                FOR_SOURCE(s, N, C, s->m[j] += share_##SFX(cnt, n, tot) * (double)mean[i];);     \
+                FOR_SOURCE(s, N, C, double d = (double)mean[i] - s->m[j];                       \
+                           s->v[j] += share_##SFX(cnt, n, tot) * ((double)var[i] + d * d););    \
                 continue;                                                                       \
             }                                                                                   \
             FOR_SOURCE(s, N, C, s->m[j] += (double)mean[i];);                                   \
@@ -803,8 +820,8 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
                                     int const_mask, const S *mean, const S *var,                \
                                     const double *mw, const double *vw, const S *rmean,         \
                                     const S *rvar, const S *gamma, const S *beta, double eps,   \
-                                    const double *renorm, S *mu, S *scale, S *shift,            \
-                                    S *bn_mean, S *bn_var, S *rd) {                             \
+                                    const double *renorm, const S *cnt, S *mu, S *scale,        \
+                                    S *shift, S *bn_mean, S *bn_var, S *rd) {                   \
         if (K < 1 || K > MAX_SOURCES) return -2;                                                \
         source_t src[MAX_SOURCES];                                                              \
         double wm[MAX_SOURCES], wv[MAX_SOURCES];                                                \
@@ -812,7 +829,7 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         double *pool = (double *)malloc(sizeof(double) * (size_t)(psize + 2 * N * C));          \
         if (!pool) return -1;                                                                   \
         double *m = pool + psize, *v = m + N * C;                                               \
-        build_sources_##SFX(N, C, K, kinds, groups, mean, var, rmean, rvar, const_mask, src, pool); \
+        build_sources_##SFX(N, C, K, kinds, groups, mean, var, rmean, rvar, const_mask, cnt, src, pool); \
         weights_##SFX(K, mw, vw, wm, wv);                                             \
         mix(src, K, wm, wv, N, C, m, v);                                                        \
         rstd_in_place(v, N * C, eps);                                                           \
@@ -859,8 +876,8 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
                                      const i64 *groups, int const_mask, const S *mean,          \
                                      const S *var, const double *mw, const double *vw,          \
                                      const S *rmean, const S *rvar, const S *gamma, double eps, \
-                                     const S *A, const S *B, const S *rd, S *p, S *q,           \
-                                     S *dgamma, S *dbeta, double *dmw, double *dvw) {           \
+                                     const S *A, const S *B, const S *rd, const S *cnt, S *p,   \
+                                     S *q, S *dgamma, S *dbeta, double *dmw, double *dvw) {     \
         if (K < 1 || K > MAX_SOURCES) return -2;                                                \
         source_t src[MAX_SOURCES];                                                              \
         double wm[MAX_SOURCES], wv[MAX_SOURCES];                                                \
@@ -868,7 +885,7 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         /* pool: sources | m, v, Gm, Gv, gmean, gvar (N*C each) | dg, db (C) | sums (<= psize) */ \
         double *pool = (double *)malloc(sizeof(double) * (size_t)(2 * psize + 6 * nc + 2 * C)); \
         if (!pool) return -1;                                                                   \
-        build_sources_##SFX(N, C, K, kinds, groups, mean, var, rmean, rvar, const_mask, src, pool); \
+        build_sources_##SFX(N, C, K, kinds, groups, mean, var, rmean, rvar, const_mask, cnt, src, pool); \
         double *m = pool + psize, *v = m + nc, *Gm = v + nc, *Gv = Gm + nc;                     \
         double *gmean = Gv + nc, *gvar = gmean + nc, *dg = gvar + nc, *db = dg + C;             \
         double *sums = db + C;                                                                  \
@@ -933,6 +950,13 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
             } else {                                                                            \
                 FOR_SOURCE(s, N, C, sm[j] += Gm[i]; sv[j] += Gv[i];);                           \
             }                                                                                   \
+            if (s->kind == 2 && cnt) { /* unequal counts: member n weighs n_i / n, not 1/N */    \
+                const double tot = total_count_##SFX(cnt, N);                                    \
+                FOR_SOURCE(s, N, C, const double w = share_##SFX(cnt, n, tot);                  \
+                           gmean[i] += w * (a * sm[j] + 2.0 * b * sv[j] * ((double)mean[i] - s->m[j])); \
+                           gvar[i] += w * b * sv[j];);                                          \
+                continue;                                                                       \
+            }                                                                                   \
             for (i64 j = 0; j < s->size; j++) {                                                 \
                 sm[j] *= a * inv;                                                               \
                 sv[j] *= b * inv;                                                               \
@@ -940,10 +964,14 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
             FOR_SOURCE(s, N, C, gmean[i] += sm[j] + 2.0 * sv[j] * ((double)mean[i] - s->m[j]);  \
                        gvar[i] += sv[j];);                                                      \
         }                                                                                       \
-        const double invL = 1.0 / (double)L;                                                    \
-        for (i64 i = 0; i < nc; i++) {                                                          \
-            p[i] = (S)(gmean[i] * invL);                                                        \
-            q[i] = (S)(2.0 * gvar[i] * invL);                                                   \
+        for (i64 n = 0; n < N; n++) { /* per value of each (n, c): 1 / L, or 1 / n_i masked */  \
+            const double inv_len = cnt ? ((double)cnt[n] > 0.0 ? 1.0 / (double)cnt[n] : 0.0)    \
+                                       : 1.0 / (double)L;                                       \
+            for (i64 c = 0; c < C; c++) {                                                       \
+                const i64 i = n * C + c;                                                        \
+                p[i] = (S)(gmean[i] * inv_len);                                                 \
+                q[i] = (S)(2.0 * gvar[i] * inv_len);                                            \
+            }                                                                                   \
         }                                                                                       \
         free(pool);                                                                             \
         return 0;                                                                               \
@@ -1025,7 +1053,7 @@ DEFINE_RENORM_RUNNING(f64, double)
             memset(stats, 0, sizeof(S) * (size_t)(2 * nc));                                    \
         }                                                                                       \
         code = nk_mix_forward_##MS(N, C, K, kinds, groups, const_mask, mean, var, ml, vl, rm,   \
-                                   rv, w, b, eps, renorm, mu, scale, shift, bn_mean, bn_var,     \
+                                   rv, w, b, eps, renorm, NULL, mu, scale, shift, bn_mean, bn_var, \
                                    renorm ? rd : NULL);                                         \
         if (code) return code;                                                                  \
         nk_apply_##SFX(nlc, x, y, N, C, L, mu, scale, shift, nt);                               \
@@ -1046,7 +1074,7 @@ DEFINE_RENORM_RUNNING(f64, double)
         int code = nk_reduce_##SFX(nlc, dy, x, N, C, L, mean, A, B, nt);                        \
         if (!code)                                                                              \
             code = nk_mix_backward_##MS(N, C, L, K, kinds, groups, const_mask, mean, var, ml,   \
-                                        vl, rm, rv, w, eps, A, B, rd, p, q, dgamma, dbeta, dml, dvl); \
+                                        vl, rm, rv, w, eps, A, B, rd, NULL, p, q, dgamma, dbeta, dml, dvl); \
         if (!code && dx) nk_backward_apply_##SFX(nlc, dy, x, dx, N, C, L, mean, scale, p, q, nt); \
         free(work);                                                                             \
         return code;                                                                            \
