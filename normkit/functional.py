@@ -132,7 +132,7 @@ def normalize(
     elif chosen is not None and mask is not None and process_group is None and chosen.masked_layer is not None \
             and chosen.runs_layer(spec) and not compiling and not isinstance(x, FakeTensor):
         y, tracked = chosen.masked_layer(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var,
-                                         channel_axis, mask)
+                                         momentum, channel_axis, mask)
     elif chosen is not None and not compiling and not isinstance(x, FakeTensor):
         reads = (running_mean, running_var) if spec.reads_running else (None, None)
         if spec.reads_running and spec.tracked is not None and running_mean is not None:

@@ -423,10 +423,11 @@ def _masked_differentiable_backward(spec, axis, dy, x, valid, weight, bias, mean
 
 
 def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
-                    axis: int, mask: Tensor) -> tuple[Tensor, Optional[Moments]]:
-    """A masked layer in eager mode on plain CPU tensors: ``(y, tracked)``, ``tracked`` the
-    statistics the caller moves the running averages with (per-sample ones for an IN
-    running average, the batch's over its valid values otherwise)."""
+                    momentum: float, axis: int, mask: Tensor) -> tuple[Tensor, Optional[Moments]]:
+    """A masked layer in eager mode on plain CPU tensors: ``(y, tracked)``. Batch running
+    statistics of the statistics dtype are moved here, in C, over the batch's valid values
+    (``tracked`` None); otherwise ``tracked`` holds the statistics the caller moves them
+    with (per-sample ones for an IN running average, the batch's otherwise)."""
     kinds, groups, constant_mask = spec.codes
     eps = float(spec.eps)
     renorm = [spec.r_max, spec.d_max] if type(spec) is RenormSpec else None
@@ -443,11 +444,29 @@ def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_we
     y, mean, var, count, bn_mean, bn_var = _MaskedLayerFunction.apply(
         x, weight, bias, mean_weights, var_weights, read_mean, read_var, (kinds, groups, constant_mask, eps, axis,
                                                                           renorm), masks)
-    if spec.tracked is None or running_mean is None:
+    if spec.tracked is None or running_mean is None or running_var is None:
         return y, None
     if spec.tracked == "in":
         return y, Moments(count, mean, var)
-    return y, Moments(count.sum().reshape(1, 1), bn_mean.view(1, -1), bn_var.view(1, -1))
+    total = count.sum()
+    if running_mean.dtype == dtype and running_var.dtype == dtype and running_mean.is_contiguous() \
+            and running_var.is_contiguous() and not (running_mean.requires_grad or running_var.requires_grad):
+        _check_momentum_value(momentum)
+        values = int(total.item())  # the update needs more than one valid value per channel
+        c = bn_mean.numel()
+        (cpu._UPDATE_RENORM if renorm else cpu._UPDATE)[dtype](
+            *((c, values, bn_mean.data_ptr(), bn_var.data_ptr(), float(momentum), eps) if renorm else
+              (1, c, values, 0, bn_mean.data_ptr(), bn_var.data_ptr(), float(momentum))),
+            running_mean.data_ptr(), running_var.data_ptr())
+        torch.autograd.graph.increment_version(running_mean)
+        torch.autograd.graph.increment_version(running_var)
+        return y, None
+    return y, Moments(total.reshape(1, 1), bn_mean.view(1, -1), bn_var.view(1, -1))
+
+
+def _check_momentum_value(momentum: float) -> None:
+    if not (isinstance(momentum, (int, float)) and 0.0 <= float(momentum) <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
 
 
 def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
