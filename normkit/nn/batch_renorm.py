@@ -195,27 +195,35 @@ class _BatchRenorm(NormBase):
         return F.renorm_train(x, self.weight, self.bias, self.running_mean, self.running_var, rmax, dmax, factor,
                               self.eps, axis, mask, group)
 
+    # Eager even inside torch.compile: torch 2.13 drops in-place writes to 0-dim float64
+    # buffers in compiled code (the bounds buffers kept their initial values), and the step is
+    # read back with int() here anyway (a graph break either way).
+    @torch.compiler.disable
     def _advance(self, batches: Tensor) -> tuple[float, float]:
         """One warm-up step: ``renorm_step += 1`` (with ``batches``, the batch count, in the same
         operation) and the bounds of the new step.
 
-        The step and bounds last written are remembered with the buffers' version counters,
+        The step and bounds last written are remembered with the buffers' version counters
+        (and the step's storage address),
         which every in-place change (``load_state_dict``, ``reset_running_stats``, a user's
         ``fill_``) bumps: while they match, the step is known without reading the buffer
         back and unchanged bounds are not written again (on small inputs each of those tensor
-        operations costs a tenth of the layer)."""
+        operations costs a tenth of the layer). Writes through ``.data`` bump no counter and are not seen: change the buffers
+        themselves (``fill_``, ``copy_``, ``load_state_dict``)."""
         buffers = self._buffers
         step_t, rmax_t, dmax_t = buffers["renorm_step"], buffers["renorm_rmax"], buffers["renorm_dmax"]
         cached = self.__dict__.get("_renorm_cache")  # (the three buffers, their versions, step, bounds)
         hit = cached is not None and cached[0] is step_t and cached[1] is rmax_t and cached[2] is dmax_t \
-            and cached[3] == (step_t._version, rmax_t._version, dmax_t._version)
+            and cached[3] == (step_t._version, rmax_t._version, dmax_t._version, step_t.data_ptr())
         step = cached[4] + 1 if hit else int(step_t) + 1
         torch._foreach_add_([step_t, batches], 1)
         bounds = self._clip_at(step)
         if not hit or cached[5] != bounds:
             rmax_t.fill_(bounds[0])
             dmax_t.fill_(bounds[1])
-        self.__dict__["_renorm_cache"] = (step_t, rmax_t, dmax_t, (step_t._version, rmax_t._version, dmax_t._version),
+        # (data_ptr: ``buffer.data = other`` swaps the storage without bumping the version)
+        self.__dict__["_renorm_cache"] = (step_t, rmax_t, dmax_t,
+                                          (step_t._version, rmax_t._version, dmax_t._version, step_t.data_ptr()),
                                           step, bounds)
         return bounds
 

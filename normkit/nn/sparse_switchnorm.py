@@ -155,7 +155,11 @@ class _SparseSwitchNorm(_SwitchNorm):
                     if radius.dtype is torch.float64:
                         return layer_weights(self.mean_logits, self.var_logits, value)
                 else:  # tensor ops: no host read of the step
-                    radius.copy_((step.double() / self.radius_steps).clamp(max=self.max_radius))
+                    value = (step.double() / self.radius_steps).clamp(max=self.max_radius)
+                    radius.copy_(value)
+                    # the weights from the value, not the buffer read back: compiled code (torch
+                    # 2.13) can drop the write to a 0-dim float64 buffer
+                    return layer_weights(self.mean_logits, self.var_logits, value.to(radius.dtype))
         return layer_weights(self.mean_logits, self.var_logits, radius)
 
     @property
