@@ -204,12 +204,12 @@ class _BatchRenorm(NormBase):
         operation) and the bounds of the new step.
 
         The step and bounds last written are remembered with the buffers' version counters
-        (and the step's storage address),
-        which every in-place change (``load_state_dict``, ``reset_running_stats``, a user's
-        ``fill_``) bumps: while they match, the step is known without reading the buffer
-        back and unchanged bounds are not written again (on small inputs each of those tensor
-        operations costs a tenth of the layer). Writes through ``.data`` bump no counter and are not seen: change the buffers
-        themselves (``fill_``, ``copy_``, ``load_state_dict``)."""
+        (and the step's storage address), which every in-place change (``load_state_dict``,
+        ``reset_running_stats``, a user's ``fill_``) bumps: while they match, the step is known
+        without reading the buffer back and unchanged bounds are not written again (on small
+        inputs each of those tensor operations costs a tenth of the layer). Writes through
+        ``.data`` bump no counter and are not seen: change the buffers themselves (``fill_``,
+        ``copy_``, ``load_state_dict``)."""
         buffers = self._buffers
         step_t, rmax_t, dmax_t = buffers["renorm_step"], buffers["renorm_rmax"], buffers["renorm_dmax"]
         cached = self.__dict__.get("_renorm_cache")  # (the three buffers, their versions, step, bounds)
