@@ -422,14 +422,11 @@ def _masked_differentiable_backward(spec, axis, dy, x, valid, weight, bias, mean
     return [next(found) if want and t is not None else None for t, want in zip(inputs, need)]
 
 
-def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
-                    momentum: float, axis: int, mask: Tensor) -> tuple[Tensor, Optional[Moments]]:
-    """A masked layer in eager mode on plain CPU tensors: ``(y, tracked)``. Batch running
-    statistics of the statistics dtype are moved here, in C, over the batch's valid values
-    (``tracked`` None); otherwise ``tracked`` holds the statistics the caller moves them
-    with (per-sample ones for an IN running average, the batch's otherwise)."""
+def _operator_args(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var):
+    """A spec and its small tensors as the C layer reads them: ``(kinds, groups,
+    constant_mask, eps, renorm, statistics dtype, weight, bias, mean_weights, var_weights,
+    read_mean, read_var)``, the tensors in the dtypes and layout the operators check."""
     kinds, groups, constant_mask = spec.codes
-    eps = float(spec.eps)
     renorm = [spec.r_max, spec.d_max] if type(spec) is RenormSpec else None
     dtype = stat_dtype(x.dtype)
     weight, bias = _as_stat(weight, dtype), _as_stat(bias, dtype)
@@ -440,6 +437,18 @@ def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_we
     read_mean = read_var = None
     if constant_mask or renorm:
         read_mean, read_var = _as_stat(_detached(running_mean), dtype), _as_stat(_detached(running_var), dtype)
+    return (kinds, groups, constant_mask, float(spec.eps), renorm, dtype, weight, bias, mean_weights, var_weights,
+            read_mean, read_var)
+
+
+def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
+                    momentum: float, axis: int, mask: Tensor) -> tuple[Tensor, Optional[Moments]]:
+    """A masked layer in eager mode on plain CPU tensors: ``(y, tracked)``. Batch running
+    statistics of the statistics dtype are moved here, in C, over the batch's valid values
+    (``tracked`` None); otherwise ``tracked`` holds the statistics the caller moves them
+    with (per-sample ones for an IN running average, the batch's otherwise)."""
+    kinds, groups, constant_mask, eps, renorm, dtype, weight, bias, mean_weights, var_weights, read_mean, read_var = \
+        _operator_args(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var)
     masks = kernel_mask(x, axis, mask)
     y, mean, var, count, bn_mean, bn_var = _MaskedLayerFunction.apply(
         x, weight, bias, mean_weights, var_weights, read_mean, read_var, (kinds, groups, constant_mask, eps, axis,
@@ -475,18 +484,8 @@ def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weig
     holds the batch statistics when the caller still has to move the running averages (they
     are of another dtype than the statistics; otherwise ``normkit::update_running_`` moved
     them), else None."""
-    kinds, groups, constant_mask = spec.codes
-    eps = float(spec.eps)
-    renorm = [spec.r_max, spec.d_max] if type(spec) is RenormSpec else None
-    dtype = stat_dtype(x.dtype)
-    weight, bias = _as_stat(weight, dtype), _as_stat(bias, dtype)
-    if len(kinds) == 1:
-        mean_weights = var_weights = None
-    else:
-        mean_weights, var_weights = _as_stat(mean_weights, torch.float64), _as_stat(var_weights, torch.float64)
-    read_mean = read_var = None
-    if constant_mask or renorm:
-        read_mean, read_var = _as_stat(_detached(running_mean), dtype), _as_stat(_detached(running_var), dtype)
+    kinds, groups, constant_mask, eps, renorm, dtype, weight, bias, mean_weights, var_weights, read_mean, read_var = \
+        _operator_args(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var)
     eager = _plain_eager(x)
     if not eager:
         y, stats = torch.ops.normkit.layer_forward(x, weight, bias, mean_weights, var_weights, read_mean, read_var,
