@@ -363,16 +363,12 @@ def update_running(running_mean, running_var, stats, n, c, length, track, moment
     Batch Renorm's rule from the batch statistics (``eps`` its variance shift)."""
     base = stats.data_ptr()
     item = stats.element_size()
-    if track == 3:
-        mean, var = base + (4 * n * c + c) * item, base + (4 * n * c + 2 * c) * item
-        _UPDATE_RENORM[stats.dtype](c, n * length, mean, var, momentum, eps, running_mean.data_ptr(),
-                                    running_var.data_ptr())
+    if track in (1, 3):  # pointers into stats, not views: this runs on every training call
+        _update_batch(stats.dtype, c, n * length, base + (4 * n * c + c) * item, base + (4 * n * c + 2 * c) * item,
+                      momentum, eps, track == 3, running_mean, running_var)
         return
-    if track == 1:
-        mean, var, rows, count = base + (4 * n * c + c) * item, base + (4 * n * c + 2 * c) * item, 0, n * length
-    else:
-        mean, var, rows, count = base, base + n * c * item, 1, length
-    _UPDATE[stats.dtype](n, c, count, rows, mean, var, momentum, running_mean.data_ptr(), running_var.data_ptr())
+    _UPDATE[stats.dtype](n, c, length, 1, base, base + n * c * item, momentum, running_mean.data_ptr(),
+                         running_var.data_ptr())
 
 
 CPU_KERNELS = KernelSet("cpu", _supports, _moments, _apply, _reduce, _backward_apply, masks=True)
@@ -416,3 +412,21 @@ def mix_backward(mean, var, count, sum_dy, sum_dy_xc, weight, mean_weights, var_
                           eps, sum_dy.data_ptr(), sum_dy_xc.data_ptr(), _ptr(rd), count.data_ptr(), pq[0].data_ptr(),
                           pq[1].data_ptr(), _ptr(dw), _ptr(db), _ptr(dmw), _ptr(dvw)), "mix backward")
     return pq[0], pq[1], dw, db, dmw, dvw
+
+
+def update_batch_running(running_mean, running_var, mean, var, count: int, momentum: float, eps: float,
+                         renorm: bool) -> None:
+    """Move the running averages in place from the batch's ``(C,)`` mean and biased variance
+    over ``count`` values: PyTorch's rule (unbiased variance), or Batch Renorm's (``eps`` its
+    variance shift). All four tensors contiguous CPU ``(C,)`` of one float dtype (the caller
+    checked)."""
+    _update_batch(mean.dtype, mean.numel(), count, mean.data_ptr(), var.data_ptr(), momentum, eps, renorm,
+                  running_mean, running_var)
+
+
+def _update_batch(dtype, c: int, count: int, mean: int, var: int, momentum: float, eps: float, renorm: bool,
+                  running_mean, running_var) -> None:
+    if renorm:
+        _UPDATE_RENORM[dtype](c, count, mean, var, momentum, eps, running_mean.data_ptr(), running_var.data_ptr())
+    else:
+        _UPDATE[dtype](1, c, count, 0, mean, var, momentum, running_mean.data_ptr(), running_var.data_ptr())

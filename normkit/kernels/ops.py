@@ -30,7 +30,17 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _len_torch_dispatch_stack
 
-from normkit._core import MixSpec, Moments, RenormSpec, apply_affine, mix, moments, spec_from_codes, stat_dtype
+from normkit._core import (
+    MixSpec,
+    Moments,
+    RenormSpec,
+    apply_affine,
+    check_momentum,
+    mix,
+    moments,
+    spec_from_codes,
+    stat_dtype,
+)
 from normkit.kernels import cpu
 from normkit.kernels._generic import kernel_mask
 from normkit.kernels._protocol import KernelSet
@@ -278,7 +288,8 @@ class _LayerFunction(torch.autograd.Function):
         if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
             spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps, renorm)
             grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights,
-                                            running_mean, running_var, need, stats)
+                                            running_mean, running_var, need,
+                                            stats[4 * x.shape[0] * x.shape[axis] + 3 * x.shape[axis]:] if renorm else None)
         else:
             args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
                     constant_mask, eps, axis, need, renorm)
@@ -300,21 +311,25 @@ def _full_codes(codes: tuple) -> tuple:
 
 
 def differentiable_backward(spec: MixSpec, axis: int, dy: Tensor, x: Tensor, weight, bias, mean_weights,
-                            var_weights, running_mean, running_var, need, stats: Tensor) -> list:
+                            var_weights, running_mean, running_var, need, rd: Optional[Tensor],
+                            valid: Optional[Tensor] = None) -> list:
     """Gradients by autograd through the reference maths (a graph when grad mode is on):
-    double backward, and batched gradients under ``torch.func`` transforms. Batch Renorm's
-    ``r`` and ``d`` are the forward's, from ``stats``."""
+    double backward, and batched gradients under ``torch.func`` transforms. ``rd``: Batch
+    Renorm's ``r`` and ``d`` of the forward (``(2C,)``); ``valid``: the bool mask of a masked
+    layer, x's shape without its channel axis."""
     inputs = (x, weight, bias, mean_weights, var_weights)
     wanted = [t for t, want in zip(inputs, need) if want and t is not None]
+    keep = None if valid is None else valid.unsqueeze(axis).expand(x.shape)
     with torch.enable_grad():
-        m_in = moments(x, axis)
+        m_in = moments(x, axis, valid)
         if isinstance(spec, RenormSpec):
-            n, c = x.shape[0], x.shape[axis]
-            r, d = stats.detach()[4 * n * c + 3 * c:].view(2, c)
-            mu, scale, shift, _ = spec.mix(m_in, None, None, weight, bias, correction=(r, d))
+            mu, scale, shift, _ = spec.mix(m_in, None, None, weight, bias, correction=tuple(rd.detach().view(2, -1)))
         else:
             mu, scale, shift, _ = mix(spec, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
-        y = apply_affine(x, mu, scale, shift, axis)
+        if keep is None:
+            y = apply_affine(x, mu, scale, shift, axis)
+        else:  # zeros in padded positions before and after, as the reference path
+            y = torch.where(keep, apply_affine(torch.where(keep, x, 0.0), mu, scale, shift, axis), 0.0)
     found = iter(torch.autograd.grad(y, wanted, dy, create_graph=torch.is_grad_enabled(), allow_unused=True))
     return [next(found) if want and t is not None else None for t, want in zip(inputs, need)]
 
@@ -388,8 +403,8 @@ class _MaskedLayerFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or not _is_dense_cpu(dy):
             spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps, renorm)
-            grads = _masked_differentiable_backward(spec, axis, dy, x, ctx.valid, weight, bias, mean_weights,
-                                                    var_weights, running_mean, running_var, need, rd)
+            grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights, running_mean,
+                                            running_var, need, rd, ctx.valid)
             return (*grads, None, None, None, None)
         _validate_dy(dy, x)
         sum_dy, sum_dy_xc = cpu._reduce(dy, x, mean, axis, mask8)
@@ -399,27 +414,6 @@ class _MaskedLayerFunction(torch.autograd.Function):
         dx = cpu._backward_apply(dy, x, mean, scale, p, q, axis, mask8) if need[0] else None
         return (dx, dw if need[1] else None, db if need[2] else None, dmw if need[3] else None,
                 dvw if need[4] else None, None, None, None, None)
-
-
-def _masked_differentiable_backward(spec, axis, dy, x, valid, weight, bias, mean_weights, var_weights, running_mean,
-                                    running_var, need, rd) -> list:
-    """The masked layer's gradients through the reference maths (double backward, batched
-    gradients); Batch Renorm's r and d are the forward's."""
-    inputs = (x, weight, bias, mean_weights, var_weights)
-    wanted = [t for t, want in zip(inputs, need) if want and t is not None]
-    shape = list(x.shape)
-    shape[axis] = 1
-    keep = valid.unsqueeze(axis).expand(x.shape)
-    with torch.enable_grad():
-        m_in = moments(x, axis, valid)
-        if isinstance(spec, RenormSpec):
-            mu, scale, shift, _ = spec.mix(m_in, None, None, weight, bias, correction=tuple(rd.view(2, -1)))
-        else:
-            mu, scale, shift, _ = mix(spec, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
-        y = apply_affine(torch.where(keep, x, 0.0), mu, scale, shift, axis)
-        y = torch.where(keep, y, 0.0)
-    found = iter(torch.autograd.grad(y, wanted, dy, create_graph=torch.is_grad_enabled(), allow_unused=True))
-    return [next(found) if want and t is not None else None for t, want in zip(inputs, need)]
 
 
 def _operator_args(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var):
@@ -460,22 +454,14 @@ def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_we
     total = count.sum()
     if running_mean.dtype == dtype and running_var.dtype == dtype and running_mean.is_contiguous() \
             and running_var.is_contiguous() and not (running_mean.requires_grad or running_var.requires_grad):
-        _check_momentum_value(momentum)
-        values = int(total.item())  # the update needs more than one valid value per channel
-        c = bn_mean.numel()
-        (cpu._UPDATE_RENORM if renorm else cpu._UPDATE)[dtype](
-            *((c, values, bn_mean.data_ptr(), bn_var.data_ptr(), float(momentum), eps) if renorm else
-              (1, c, values, 0, bn_mean.data_ptr(), bn_var.data_ptr(), float(momentum))),
-            running_mean.data_ptr(), running_var.data_ptr())
+        check_momentum(momentum)
+        # the update needs more than one valid value per channel: the count is read back
+        cpu.update_batch_running(running_mean, running_var, bn_mean, bn_var, int(total.item()), float(momentum), eps,
+                                 bool(renorm))
         torch.autograd.graph.increment_version(running_mean)
         torch.autograd.graph.increment_version(running_var)
         return y, None
     return y, Moments(total.reshape(1, 1), bn_mean.view(1, -1), bn_var.view(1, -1))
-
-
-def _check_momentum_value(momentum: float) -> None:
-    if not (isinstance(momentum, (int, float)) and 0.0 <= float(momentum) <= 1.0):
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
 
 
 def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
