@@ -31,6 +31,8 @@ MODULE_INFOS = [info for info in module_db if info.module_cls in TORCH_NAMESAKES
 
 
 def _samples(training: bool) -> list:
+    # torch seeds its generator at random per process: collect the same samples every run
+    torch.manual_seed(0)
     out = []
     for info in MODULE_INFOS:
         for sample in info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True,
@@ -45,6 +47,7 @@ NONEMPTY_SAMPLES = [p for p in TRAIN_SAMPLES if all(a.numel() for a in p.values[
 
 
 def _error_samples() -> list:
+    torch.manual_seed(0)
     out = []
     for info in MODULE_INFOS:
         if info.module_error_inputs_func is None:
@@ -81,6 +84,16 @@ def _tolerance(dtype) -> dict:
     return {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
 
 
+def _assert_close_as_sums(actual, expected, dtype) -> None:
+    """Gradients of the affine parameters and of a layer's input are sums over the reduced
+    elements: in float32 an element near zero carries the rounding of terms as large as the
+    tensor's largest entry, so the absolute tolerance scales with that entry (16 ulps of it)."""
+    tolerance = _tolerance(dtype)
+    if dtype == torch.float32:
+        tolerance["atol"] = max(tolerance["atol"], 16 * torch.finfo(dtype).eps * expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, **tolerance)
+
+
 def _assert_same_state(reference: nn.Module, ours: nn.Module, dtype=torch.float64) -> None:
     theirs = reference.state_dict()
     mine = ours.state_dict()
@@ -104,9 +117,9 @@ def test_forward_backward_and_running_stats(info, sample, training, dtype, backe
         y_ref.backward(grad)
         y.backward(grad)
         for a, b in zip(xs, xs_ref):
-            torch.testing.assert_close(a.grad, b.grad, **_tolerance(dtype))
+            _assert_close_as_sums(a.grad, b.grad, dtype)
         for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, **_tolerance(dtype), msg=name)
+            _assert_close_as_sums(p.grad, q.grad, dtype)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
