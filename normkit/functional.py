@@ -49,6 +49,7 @@ from normkit import kernels
 from normkit._core import (
     InputError,
     MixSpec,
+    SoftmaxMixSpec,
     Moments,
     RenormSpec,
     apply_affine,
@@ -64,7 +65,6 @@ from normkit._core import (
     moments,
     normalize_axis,
     parse_sources,
-    softmax_weights,
     sparsestmax_weights,
 )
 from normkit.distributed import all_merge_moments
@@ -193,22 +193,27 @@ def _check_small(x: Tensor, c: int, **tensors: Optional[Tensor]) -> None:
 def _switchable(x: Tensor, running_mean, running_var, weight, bias, mean_logits, var_logits, sources, training: bool,
                 momentum: float, eps: float, channel_axis: int, mask, process_group, policy) -> Tensor:
     """The functional SN family: ``policy(mean_logits, var_logits) -> (mean_weights,
-    var_weights)`` (softmax for SN, sparsestmax for SSN; none for one source)."""
+    var_weights)`` (sparsestmax for SSN; none for one source), or ``policy=None`` for SN's
+    softmax, which the mix computes from the logits (:class:`SoftmaxMixSpec`)."""
     axis = _channel_axis(x, channel_axis)
     sources = parse_sources(sources, x.shape[axis])
     check_eps(eps)
     check_momentum(momentum)
     mean_weights = var_weights = None
+    spec_type = MixSpec
     if len(sources) > 1:
         check_weights(mean_logits, "mean_logits", sources, x.device)
         check_weights(var_logits, "var_logits", sources, x.device)
-        mean_weights, var_weights = policy(mean_logits, var_logits)
+        if policy is None:
+            spec_type, mean_weights, var_weights = SoftmaxMixSpec, mean_logits, var_logits
+        else:
+            mean_weights, var_weights = policy(mean_logits, var_logits)
     has_bn = "bn" in sources
     use_batch = training or running_mean is None
     if has_bn and not use_batch and running_var is None:
         raise ValueError("running_var is required with running_mean when not training")
     return run(
-        x, MixSpec(sources, eps, use_batch, "bn"), weight, bias, mean_weights, var_weights,
+        x, spec_type(sources, eps, use_batch, "bn"), weight, bias, mean_weights, var_weights,
         running_mean if has_bn else None, running_var if has_bn else None, momentum, axis, mask,
         process_group if training and has_bn else None,
     )
@@ -284,7 +289,7 @@ def switch_norm(
         process_group: merge BN statistics across this ``torch.distributed`` group in training.
     """
     return _switchable(x, running_mean, running_var, weight, bias, mean_logits, var_logits, sources, training,
-                       momentum, eps, channel_axis, mask, process_group, softmax_weights)
+                       momentum, eps, channel_axis, mask, process_group, None)
 
 
 def batch_norm(

@@ -118,3 +118,29 @@ def test_drop_in_replacement_trains():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model[1].mean_logits.grad is not None and model[1].mean_logits.grad.abs().sum() > 0
+
+
+class _Doubled(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+@pytest.mark.parametrize("case", variants() + [c for c in __import__("common_layers").LAYER_NORM_CASES], ids=str)
+def test_parametrized_parameters_are_used(case, backend):
+    """Layers read their parameters from the module's registries (fast); a parameter that
+    torch.nn.utils.parametrize moved out of them is read through its property."""
+    torch.manual_seed(0)
+    layer = case.make().double()
+    plain = case.make().double()
+    plain.load_state_dict(layer.state_dict())
+    names = [n for n in ("weight", "mean_logits") if getattr(layer, n, None) is not None]
+    if not names:
+        pytest.skip("no parameter to parametrize")
+    for name in names:
+        nn.utils.parametrize.register_parametrization(layer, name, _Doubled())
+        with torch.no_grad():
+            getattr(plain, name).mul_(2)
+    x = torch.randn(case.shape, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), plain(x))
+    layer(x).sum().backward()
+    assert layer.parametrizations[names[0]].original.grad is not None

@@ -73,6 +73,73 @@ def test_opcheck_layer_backward_and_update_running():
                                x.numel() // (n * c), track, 0.1))
 
 
+def _logit_args(kinds, groups, mask, dtype=torch.float64, fmt=torch.contiguous_format):
+    """The operator's arguments with logits of the statistics dtype and ``softmax=True``."""
+    args = list(_op_args(kinds, groups, mask, dtype=dtype, fmt=fmt))
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    args[3], args[4] = (torch.randn(len(kinds), dtype=sd).requires_grad_() for _ in range(2))
+    return (*args, None, True)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("name", ["sn-train", "sn-eval", "sn-gn"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_opcheck_layer_forward_with_logits(name, fmt):
+    torch.library.opcheck(torch.ops.normkit.layer_forward.default, _logit_args(*OP_SAMPLES[name], fmt=fmt))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["sn-train", "sn-eval", "sn-gn"])
+def test_softmax_flag_equals_the_weights_of_the_logits(name, dtype):
+    """softmax=True with logits gives what the float64 softmax weights give, and the logits'
+    gradients are the weights' gradients through the softmax (float64 weights: to the ulp)."""
+    x, w, b, ml, vl, rm, rv, kinds, groups, mask, eps, axis, _, _ = _logit_args(*OP_SAMPLES[name], dtype=dtype)
+    wm, wv = torch.softmax(ml, 0, dtype=torch.float64), torch.softmax(vl, 0, dtype=torch.float64)
+    y_logits, stats_logits = torch.ops.normkit.layer_forward(x, w, b, ml, vl, rm, rv, kinds, groups, mask, eps, axis,
+                                                             None, True)
+    y_weights, stats_weights = torch.ops.normkit.layer_forward(x, w, b, wm, wv, rm, rv, kinds, groups, mask, eps,
+                                                               axis)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(y_logits, y_weights, **tol)
+    dy = torch.randn_like(y_logits)
+    g_logits = torch.autograd.grad(y_logits, (x, w, b, ml, vl), dy)
+    g_weights = torch.autograd.grad(y_weights, (x, w, b, ml, vl), dy)
+    for got, want in zip(g_logits, g_weights):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
+    if dtype == torch.float64:  # and twice differentiable, through the reference maths
+        small = [t.detach().requires_grad_() for t in (x, w, b, ml, vl)]
+        torch.autograd.gradgradcheck(
+            lambda *t: torch.ops.normkit.layer_forward(*t, rm, rv, kinds, groups, mask, eps, axis, None, True)[0],
+            small)
+
+
+@needs_cpu_kernels
+def test_opcheck_layer_backward_with_logits():
+    x, w, b, ml, vl, rm, rv, kinds, groups, mask, eps, axis, _, _ = _logit_args([0, 1, 2], [1, 1, 1], 0)
+    with torch.no_grad():
+        y, stats = torch.ops.normkit.layer_forward(x, w, b, ml, vl, rm, rv, kinds, groups, mask, eps, axis, None, True)
+    for output_mask in ([True] * 5, [False, False, False, True, True]):
+        torch.library.opcheck(torch.ops.normkit.layer_backward.default,
+                              (torch.randn_like(y), x.detach(), stats, w.detach(), ml.detach(), vl.detach(), None,
+                               None, kinds, groups, mask, eps, axis, output_mask, None, True))
+
+
+@needs_cpu_kernels
+def test_softmax_flag_is_validated():
+    x, w, b, ml, vl, rm, rv, kinds, groups, mask, eps, axis, _, _ = [
+        t.detach() if isinstance(t, torch.Tensor) else t for t in _logit_args([0, 1, 2], [1, 1, 1], 0,
+                                                                            dtype=torch.float32)]
+    op = torch.ops.normkit.layer_forward
+    with pytest.raises(ValueError, match=r"softmax mixes two or more sources' logits, got 1 source kind\(s\) \[2\]"):
+        op(x, w, b, None, None, rm, rv, [2], [1], 0, eps, axis, None, True)
+    with pytest.raises(ValueError, match="mean_weights must be a contiguous CPU torch.float32 tensor"):
+        op(x, w, b, ml.double(), vl, rm, rv, kinds, groups, mask, eps, axis, None, True)  # logits: stats dtype
+    with pytest.raises(ValueError, match="mean_weights must be a contiguous CPU torch.float64 tensor"):
+        op(x, w, b, ml, vl, rm, rv, kinds, groups, mask, eps, axis)  # weights: float64
+
+
 @needs_cpu_kernels
 def test_update_running_matches_python_update():
     bn = normkit.BatchNorm2d(4).double()
@@ -128,6 +195,8 @@ def test_compile_keeps_the_fused_operator(make):
         y = compiled(x)
         torch.testing.assert_close(y, model(x))
     assert any("normkit.layer_forward" in g for g in capture.graphs), capture.graphs
+    # SN's softmax is part of the operator call (softmax=True), not two ops before it
+    assert not any("softmax" in g for g in capture.graphs), capture.graphs
 
 
 @needs_cpu_kernels

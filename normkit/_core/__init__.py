@@ -30,7 +30,16 @@ from normkit._core.moments import (
 )
 from normkit._core.sources import VALID_SOURCES_TEXT, parse_sources, source_code, source_moments
 from normkit._core.sparsestmax import max_radius, sparsemax, sparsestmax, sparsestmax_weights
-from normkit._core.spec import MixSpec, RenormSpec, apply_affine, mix, renorm_correction, spec_from_codes, update_running
+from normkit._core.spec import (
+    MixSpec,
+    RenormSpec,
+    SoftmaxMixSpec,
+    apply_affine,
+    mix,
+    renorm_correction,
+    spec_from_codes,
+    update_running,
+)
 from normkit._core.weights import softmax_weights
 
 __all__ = [
@@ -39,6 +48,7 @@ __all__ = [
     "Moments",
     "MixSpec",
     "RenormSpec",
+    "SoftmaxMixSpec",
     "VALID_SOURCES_TEXT",
     "apply_affine",
     "broadcast_mask",

@@ -4,8 +4,10 @@ and ``shift``, and the running-average update.
 A :class:`MixSpec` is everything about a normalization that is not a tensor. It is frozen
 and compared whole: a kernel set serves a call only when it was written for that exact spec
 type (see ``normkit.kernels``), so a new normalizer with its own fields never runs a kernel
-that ignores them. The mix takes importance *weights* ``(K,)``; turning logits into weights
-(softmax for SN) is the layer's policy.
+that ignores them. :class:`MixSpec`'s mix takes importance *weights* ``(K,)``, however the
+layer made them (sparsestmax for Sparse SN); :class:`SoftmaxMixSpec`'s takes the logits and
+mixes with their softmax (SN), so that a fused kernel written for it computes the softmax in
+the same call.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from torch import Tensor
 
 from normkit._core.moments import Moments, expand_stat, merge_moments
 from normkit._core.sources import source_code, source_moments
+from normkit._core.weights import softmax_weights
 
-__all__ = ["MixSpec", "RenormSpec", "apply_affine", "mix", "renorm_correction", "spec_from_codes", "update_running"]
+__all__ = ["MixSpec", "RenormSpec", "SoftmaxMixSpec", "apply_affine", "mix", "renorm_correction", "spec_from_codes",
+           "update_running"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,29 @@ class MixSpec:
     def codes(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """``(kinds, groups, constant_mask)``: this spec in the compiled mixer's terms."""
         return self._codes  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class SoftmaxMixSpec(MixSpec):
+    """Switchable Normalization's mix: the ``mean_weights`` and ``var_weights`` it receives
+    are logits, and the mix weights are their float64 softmaxes (:func:`softmax_weights`).
+    Its own type, so only kernels written for logits serve it; its :attr:`codes` are those of
+    the :class:`MixSpec` with the same fields. Needs two or more sources."""
+
+    def __post_init__(self) -> None:
+        if len(self.sources) < 2:
+            raise ValueError(f"SoftmaxMixSpec mixes two or more sources, got {self.sources}")
+        super().__post_init__()
+
+    def mix(self, m_in: Moments, mean_weights: Optional[Tensor], var_weights: Optional[Tensor],
+            weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor] = None,
+            running_var: Optional[Tensor] = None, merge_batch: Optional[Callable[[Moments], Moments]] = None,
+            ) -> tuple[Tensor, Tensor, Tensor, Optional[Moments]]:
+        """:func:`mix` with ``mean_weights, var_weights = softmax(mean_logits), softmax(var_logits)``."""
+        if mean_weights is None or var_weights is None:
+            raise ValueError(f"mean and variance logits of shape ({len(self.sources)},) are required")
+        mean_weights, var_weights = softmax_weights(mean_weights, var_weights)
+        return mix(self, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var, merge_batch)
 
 
 @dataclass(frozen=True)
@@ -277,11 +304,12 @@ _NAMES = {0: "in", 1: "ln", 2: "bn"}
 
 
 def spec_from_codes(kinds: tuple[int, ...], groups: tuple[int, ...], constant_mask: int, eps: float,
-                    renorm: Optional[Sequence[float]] = None) -> MixSpec:
+                    renorm: Optional[Sequence[float]] = None, softmax: bool = False) -> MixSpec:
     """The :class:`MixSpec` whose :attr:`MixSpec.codes` are these (the inverse of ``codes``);
-    with ``renorm = (r_max, d_max)`` the :class:`RenormSpec`."""
+    with ``renorm = (r_max, d_max)`` the :class:`RenormSpec`, with ``softmax`` the
+    :class:`SoftmaxMixSpec`."""
     if renorm:
         return RenormSpec(("bn",), eps, r_max=float(renorm[0]), d_max=float(renorm[1]))
     sources = tuple(_NAMES.get(k, f"gn{g}") for k, g in zip(kinds, groups))
     running = "in" if sources == ("in",) and constant_mask else "bn"
-    return MixSpec(sources, eps, batch_stats=constant_mask == 0, running=running)
+    return (SoftmaxMixSpec if softmax else MixSpec)(sources, eps, batch_stats=constant_mask == 0, running=running)

@@ -58,24 +58,28 @@ class _Fns:
         )
         self.layer_forward = _bind(
             f"nk_layer_forward_{sfx}", _INT,
-            [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _P, _INT],
+            [_INT, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT, _INT] + [_P] * 7 + [_DBL, _P, _INT],
+        )
+        # the masked layer: the mask pointer follows x; the forward also writes the valid total
+        self.layer_forward_masked = _bind(
+            f"nk_layer_forward_masked_{sfx}", _INT,
+            [_INT, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 7 + [_DBL, _P, _P, _INT],
+        )
+        self.layer_backward_masked = _bind(
+            f"nk_layer_backward_masked_{sfx}", _INT,
+            [_INT, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 6 + [_DBL, _INT]
+            + [_P] * 4 + [_INT],
         )
         self.layer_backward = _bind(
             f"nk_layer_backward_{sfx}", _INT,
-            [_INT, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 6 + [_DBL, _INT] + [_P] * 4 + [_INT],
+            [_INT, _P, _P, _P, _I64, _I64, _I64, _INT, _P, _P, _INT, _INT] + [_P] * 6 + [_DBL, _INT] + [_P] * 4
+            + [_INT],
         )
 
 
 _FNS = {dtype: _Fns(sfx) for dtype, sfx in _SUFFIX.items()}
 _UPDATE = {
     dtype: _bind(f"nk_update_running_{sfx}", None, [_I64, _I64, _I64, _INT, _P, _P, _DBL, _P, _P])
-    for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"))
-}
-# the C mixer on its own (masked layers: the masked passes around it)
-_MIX = {
-    dtype: (_bind(f"nk_mix_forward_{sfx}", _INT, [_I64, _I64, _INT, _P, _P, _INT] + [_P] * 8 + [_DBL] + [_P] * 8),
-            _bind(f"nk_mix_backward_{sfx}", _INT,
-                  [_I64, _I64, _I64, _INT, _P, _P, _INT] + [_P] * 7 + [_DBL] + [_P] * 10))
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64"))
 }
 _UPDATE_RENORM = {
@@ -311,32 +315,94 @@ def stats_size(n: int, c: int, renorm: bool = False) -> int:
 
 
 def layer_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                  constant_mask, eps, axis, renorm=None, layout=None):
+                  constant_mask, eps, axis, renorm=None, softmax=False, layout=None):
     """One C call: moments, mix, apply (``layout``: x's, when the caller has it; ``renorm``:
-    Batch Renorm's ``(r_max, d_max)``, which reads ``running_mean`` and ``running_var``)."""
+    Batch Renorm's ``(r_max, d_max)``, which reads ``running_mean`` and ``running_var``;
+    ``softmax``: ``mean_weights`` and ``var_weights`` are logits of the statistics dtype,
+    mixed with their softmax)."""
     nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
     plan = _plan(kinds, groups, constant_mask, renorm)
     stats = torch.empty(stats_size(n, c, bool(renorm)), dtype=stat_dtype(x.dtype))
     y = torch.empty_like(x)
     _check(_FNS[x.dtype].layer_forward(
         nlc, x.data_ptr(), y.data_ptr(), n, c, length, plan.k, plan.kinds, plan.groups, constant_mask,
-        plan.need_moments, stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
+        int(softmax), plan.need_moments, stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
         _ptr(running_var), _ptr(weight), _ptr(bias), eps, plan.renorm, torch.get_num_threads()), "forward")
     return y, stats
 
 
+def masked_stats_size(n: int, c: int, renorm: bool = False) -> int:
+    """Entries of a masked layer's statistics buffer: :func:`stats_size`'s, then the
+    per-sample valid counts (N)."""
+    return stats_size(n, c, renorm) + n
+
+
+def layer_forward_masked(x, mask8, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds,
+                         groups, constant_mask, eps, axis, renorm=None, softmax=False):
+    """One C call for a masked layer: masked moments, the mixer over the per-sample valid
+    counts, masked apply. ``mask8``: the contiguous uint8 (N, L) validity mask. Returns ``(y,
+    stats, valid total)``; every argument was validated by the caller, ``mask8`` here."""
+    nlc, n, c, length = layout_of(x, axis)  # type: ignore[misc]
+    mask8 = _mask_arg(mask8, n, length)
+    plan = _plan(kinds, groups, constant_mask, renorm)
+    stats = torch.empty(masked_stats_size(n, c, bool(renorm)), dtype=stat_dtype(x.dtype))
+    y = torch.empty_like(x)
+    total = ctypes.c_int64()
+    _check(_FNS[x.dtype].layer_forward_masked(
+        nlc, x.data_ptr(), mask8.data_ptr(), y.data_ptr(), n, c, length, plan.k, plan.kinds, plan.groups,
+        constant_mask, int(softmax), stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
+        _ptr(running_var), _ptr(weight), _ptr(bias), eps, plan.renorm, ctypes.addressof(total),
+        torch.get_num_threads()), "masked forward")
+    return y, stats, total.value
+
+
+def layer_backward_masked(dy, x, mask8, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds,
+                          groups, constant_mask, eps, axis, output_mask, renorm=None, softmax=False):
+    """One C call: the masked backward sums, the mixer's backward, the masked dx. ``(dx,
+    dweight, dbias, dmean_weights, dvar_weights)``, None where ``output_mask`` says not
+    wanted. ``dy`` is converted to x's dtype and layout when it differs; the rest were
+    validated by the forward that made ``stats``."""
+    nlc, n, c, length = layout_of(x, axis)  # type: ignore[misc]
+    dtype = stats.dtype
+    plan = _plan(kinds, groups, constant_mask)
+    k = plan.k
+    if not (dy.dtype == x.dtype and axis == 1 and nlc == 0 and dy.is_contiguous()):
+        dy = matching(dy, x, nlc, axis)
+    want_dx, want_w, want_b, want_mw, want_vw = output_mask
+    weights_dtype = weight_grad_dtype(dtype, softmax)
+    dx = torch.empty_like(x) if want_dx else None
+    dw = torch.empty(c, dtype=dtype) if want_w else None
+    db = torch.empty(c, dtype=dtype) if want_b else None
+    dmw = torch.empty(k, dtype=weights_dtype) if want_mw and k > 1 else None
+    dvw = torch.empty(k, dtype=weights_dtype) if want_vw and k > 1 else None
+    _check(_FNS[x.dtype].layer_backward_masked(
+        nlc, dy.data_ptr(), x.data_ptr(), mask8.data_ptr(), _ptr(dx), n, c, length, k, plan.kinds, plan.groups,
+        constant_mask, int(softmax), stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
+        _ptr(running_var), _ptr(weight), eps, int(bool(renorm)), _ptr(dw), _ptr(db), _ptr(dmw), _ptr(dvw),
+        torch.get_num_threads()), "masked backward")
+    return dx, dw, db, dmw, dvw
+
+
 def layer_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                   constant_mask, eps, axis, output_mask, renorm=None, layout=None):
+                   constant_mask, eps, axis, output_mask, renorm=None, softmax=False, layout=None):
     """One C call: the two backward sums, the closed-form mix backward, dx (Batch Renorm's r
-    and d come from ``stats``). Gradients not asked for in ``output_mask`` come back empty."""
+    and d come from ``stats``). Gradients not asked for in ``output_mask`` come back empty;
+    with ``softmax`` the weights' gradients are the logits', in the statistics dtype."""
     grads = layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds,
-                                  groups, constant_mask, eps, axis, output_mask, renorm, layout)
+                                  groups, constant_mask, eps, axis, output_mask, renorm, softmax, layout)
+    weights_dtype = weight_grad_dtype(stats.dtype, softmax)
     return tuple(x.new_empty(0, dtype=kind) if g is None else g
-                 for g, kind in zip(grads, (x.dtype, stats.dtype, stats.dtype, torch.float64, torch.float64)))
+                 for g, kind in zip(grads, (x.dtype, stats.dtype, stats.dtype, weights_dtype, weights_dtype)))
+
+
+def weight_grad_dtype(stats_dtype: torch.dtype, softmax: bool) -> torch.dtype:
+    """The dtype of the importance weights' gradients: float64 weights, or logits of the
+    statistics dtype with ``softmax``."""
+    return stats_dtype if softmax else torch.float64
 
 
 def layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                          constant_mask, eps, axis, output_mask, renorm=None, layout=None):
+                          constant_mask, eps, axis, output_mask, renorm=None, softmax=False, layout=None):
     """:func:`layer_backward` with None for each gradient not asked for (no allocation)."""
     nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
     dtype = stats.dtype
@@ -348,11 +414,12 @@ def layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, runni
     dx = torch.empty_like(x) if want_dx else None
     dw = torch.empty(c, dtype=dtype) if want_w else None
     db = torch.empty(c, dtype=dtype) if want_b else None
-    dmw = torch.empty(k, dtype=torch.float64) if want_mw and k > 1 else None
-    dvw = torch.empty(k, dtype=torch.float64) if want_vw and k > 1 else None
+    weights_dtype = weight_grad_dtype(dtype, softmax)
+    dmw = torch.empty(k, dtype=weights_dtype) if want_mw and k > 1 else None
+    dvw = torch.empty(k, dtype=weights_dtype) if want_vw and k > 1 else None
     _check(_FNS[x.dtype].layer_backward(
         nlc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, length, k, plan.kinds, plan.groups, constant_mask,
-        stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
+        int(softmax), stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
         eps, int(bool(renorm)), _ptr(dw), _ptr(db), _ptr(dmw), _ptr(dvw), torch.get_num_threads()), "backward")
     return dx, dw, db, dmw, dvw
 
@@ -374,54 +441,15 @@ def update_running(running_mean, running_var, stats, n, c, length, track, moment
 CPU_KERNELS = KernelSet("cpu", _supports, _moments, _apply, _reduce, _backward_apply, masks=True)
 
 
-def mix_forward(mean, var, count, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                constant_mask, eps, renorm=None):
-    """The C mixer from per-(n, c) moments over ``count`` (N, 1) values per sample: ``(mu,
-    scale (N, C), shift (C,), batch mean, batch var (C,), rd (2C,) or None)``. Every tensor
-    was validated by the caller (shapes, the statistics dtype, contiguity)."""
-    n, c = mean.shape
-    dtype = mean.dtype
-    plan = _plan(kinds, groups, constant_mask, renorm)
-    out = torch.empty(2 * n * c + (5 if renorm else 3) * c, dtype=dtype)
-    mu, scale = out[:n * c].view(n, c), out[n * c:2 * n * c].view(n, c)
-    shift, bn_mean, bn_var = (out[2 * n * c + k * c:2 * n * c + (k + 1) * c] for k in range(3))
-    rd = out[2 * n * c + 3 * c:] if renorm else None
-    _check(_MIX[dtype][0](n, c, plan.k, plan.kinds, plan.groups, constant_mask, mean.data_ptr(), var.data_ptr(),
-                          _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
-                          _ptr(bias), eps, plan.renorm, count.data_ptr(), mu.data_ptr(), scale.data_ptr(),
-                          shift.data_ptr(), bn_mean.data_ptr(), bn_var.data_ptr(), _ptr(rd)), "mix")
-    return mu, scale, shift, bn_mean, bn_var, rd
-
-
-def mix_backward(mean, var, count, sum_dy, sum_dy_xc, weight, mean_weights, var_weights, running_mean, running_var,
-                 rd, kinds, groups, constant_mask, eps, want):
-    """The C mixer's closed-form backward: ``(p, q, dweight, dbias, dmean_weights,
-    dvar_weights)`` (None where ``want`` says not wanted) for ``dx = dy * scale + p + q * (x -
-    mean)``."""
-    n, c = mean.shape
-    dtype = mean.dtype
-    plan = _plan(kinds, groups, constant_mask)
-    pq = torch.empty(2, n, c, dtype=dtype)
-    _, want_w, want_b, want_mw, want_vw = want
-    dw = torch.empty(c, dtype=dtype) if want_w else None
-    db = torch.empty(c, dtype=dtype) if want_b else None
-    dmw = torch.empty(plan.k, dtype=torch.float64) if want_mw and plan.k > 1 else None
-    dvw = torch.empty(plan.k, dtype=torch.float64) if want_vw and plan.k > 1 else None
-    _check(_MIX[dtype][1](n, c, 1, plan.k, plan.kinds, plan.groups, constant_mask, mean.data_ptr(), var.data_ptr(),
-                          _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
-                          eps, sum_dy.data_ptr(), sum_dy_xc.data_ptr(), _ptr(rd), count.data_ptr(), pq[0].data_ptr(),
-                          pq[1].data_ptr(), _ptr(dw), _ptr(db), _ptr(dmw), _ptr(dvw)), "mix backward")
-    return pq[0], pq[1], dw, db, dmw, dvw
-
-
-def update_batch_running(running_mean, running_var, mean, var, count: int, momentum: float, eps: float,
-                         renorm: bool) -> None:
-    """Move the running averages in place from the batch's ``(C,)`` mean and biased variance
-    over ``count`` values: PyTorch's rule (unbiased variance), or Batch Renorm's (``eps`` its
-    variance shift). All four tensors contiguous CPU ``(C,)`` of one float dtype (the caller
-    checked)."""
-    _update_batch(mean.dtype, mean.numel(), count, mean.data_ptr(), var.data_ptr(), momentum, eps, renorm,
-                  running_mean, running_var)
+def update_masked_running(running_mean, running_var, stats, n: int, c: int, total: int, momentum: float,
+                          eps: float, renorm: bool) -> None:
+    """Move the running averages in place from a masked layer's ``stats`` (its batch mean and
+    biased variance over ``total`` valid values): PyTorch's rule (unbiased variance), or
+    Batch Renorm's (``eps`` its variance shift). The caller checked that the running tensors
+    are contiguous CPU ``(C,)`` of the statistics dtype."""
+    base, item = stats.data_ptr(), stats.element_size()
+    _update_batch(stats.dtype, c, total, base + (4 * n * c + c) * item, base + (4 * n * c + 2 * c) * item, momentum,
+                  eps, renorm, running_mean, running_var)
 
 
 def _update_batch(dtype, c: int, count: int, mean: int, var: int, momentum: float, eps: float, renorm: bool,

@@ -4,7 +4,9 @@ Importance weights and their gradients are float64 whatever the input dtype: the
 them, and the weight gradient sums N*C products of statistics that float32 would cancel.
 
 * ``normkit::layer_forward``: moments, mix and apply of one normalization in one kernel
-  call; returns ``(y, stats)``. Pure, so eval and export graphs carry no mutation.
+  call; returns ``(y, stats)``. Pure, so eval and export graphs carry no mutation. With
+  ``softmax=True`` the weights arguments are logits of the statistics dtype, mixed with their
+  softmax (Switchable Normalization), and ``layer_backward`` returns the logits' gradients.
 * ``normkit::update_running_``: moves the running averages in place from ``stats``.
 * ``normkit::layer_backward``: the two backward sums, the closed-form mix backward and
   ``dx``; returns ``(dx, dweight, dbias, dmean_weights, dvar_weights)`` (empty when not asked).
@@ -34,9 +36,9 @@ from normkit._core import (
     MixSpec,
     Moments,
     RenormSpec,
+    SoftmaxMixSpec,
     apply_affine,
     check_momentum,
-    mix,
     moments,
     spec_from_codes,
     stat_dtype,
@@ -51,7 +53,7 @@ _lib = torch.library.Library("normkit", "DEF")
 _lib.define(
     "layer_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean_weights, Tensor? var_weights, "
     "Tensor? running_mean, Tensor? running_var, int[] kinds, int[] groups, int constant_mask, float eps, "
-    "int axis, float[]? renorm=None) -> (Tensor, Tensor)"
+    "int axis, float[]? renorm=None, bool softmax=False) -> (Tensor, Tensor)"
 )
 _lib.define(
     "update_running_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor stats, int n, int c, int length, "
@@ -60,7 +62,7 @@ _lib.define(
 _lib.define(
     "layer_backward(Tensor dy, Tensor x, Tensor stats, Tensor? weight, Tensor? mean_weights, "
     "Tensor? var_weights, Tensor? running_mean, Tensor? running_var, int[] kinds, int[] groups, "
-    "int constant_mask, float eps, int axis, bool[] output_mask, float[]? renorm=None) "
+    "int constant_mask, float eps, int axis, bool[] output_mask, float[]? renorm=None, bool softmax=False) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -73,10 +75,10 @@ _RENORM_TRACK = 3
 _VALID_SPECS: set = set()
 
 
-def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float, renorm=None) -> None:
+def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float, renorm=None, softmax=False) -> None:
     # A pure function of these values, so checked once per spec and channel count (symbolic
     # sizes under tracing are not hashable: checked every time).
-    key = (c, tuple(kinds), tuple(groups), constant_mask, eps, tuple(renorm) if renorm else None) \
+    key = (c, tuple(kinds), tuple(groups), constant_mask, eps, tuple(renorm) if renorm else None, softmax) \
         if type(c) is int else None
     if key in _VALID_SPECS:
         return
@@ -98,16 +100,19 @@ def _validate_spec(c: int, kinds, groups, constant_mask: int, eps: float, renorm
         if tuple(kinds) != (2,) or constant_mask:
             raise ValueError(f"renorm needs the one batch-statistics source kind 2 (bn), got kinds {list(kinds)} "
                              f"and constant_mask {constant_mask}")
+    if softmax and k < 2:
+        raise ValueError(f"softmax mixes two or more sources' logits, got {k} source kind(s) {list(kinds)}")
     if key is not None and len(_VALID_SPECS) < 4096:
         _VALID_SPECS.add(key)
 
 
 def _validate_small(x: Tensor, c: int, k: int, weight, bias, mean_weights, var_weights, running_mean,
-                    running_var, constant_mask: int, renorm=None) -> None:
+                    running_var, constant_mask: int, renorm=None, softmax=False) -> None:
     dtype = stat_dtype(x.dtype)
+    weights_dtype = cpu.weight_grad_dtype(dtype, softmax)  # float64 weights, or logits
     for t, name, size, kind in ((weight, "weight", c, dtype), (bias, "bias", c, dtype),
-                                (mean_weights, "mean_weights", k, torch.float64),
-                                (var_weights, "var_weights", k, torch.float64),
+                                (mean_weights, "mean_weights", k, weights_dtype),
+                                (var_weights, "var_weights", k, weights_dtype),
                                 (running_mean, "running_mean", c, dtype), (running_var, "running_var", c, dtype)):
         if t is not None:
             cpu._stat(t, name, (size,), kind)
@@ -119,12 +124,12 @@ def _validate_small(x: Tensor, c: int, k: int, weight, bias, mean_weights, var_w
 
 
 def _validate_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                      constant_mask, eps, axis, renorm=None) -> tuple[int, int, int, int]:
+                      constant_mask, eps, axis, renorm=None, softmax=False) -> tuple[int, int, int, int]:
     layout = cpu.check_pass_input(x, axis)
     c = layout[2]
-    _validate_spec(c, kinds, groups, constant_mask, eps, renorm)
+    _validate_spec(c, kinds, groups, constant_mask, eps, renorm, softmax)
     _validate_small(x, c, len(kinds), weight, bias, mean_weights, var_weights, running_mean, running_var,
-                    constant_mask, renorm)
+                    constant_mask, renorm, softmax)
     return layout
 
 
@@ -155,13 +160,13 @@ def _validate_dy(dy, x) -> None:
 
 
 def _validate_backward(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                       constant_mask, eps, axis, output_mask, renorm=None) -> None:
+                       constant_mask, eps, axis, output_mask, renorm=None, softmax=False) -> None:
     _, n, c, _ = cpu.check_pass_input(x, axis)
     _validate_dy(dy, x)
-    _validate_spec(c, kinds, groups, constant_mask, eps, renorm)
+    _validate_spec(c, kinds, groups, constant_mask, eps, renorm, softmax)
     # renorm's backward reads r and d from stats, not the running statistics
     _validate_small(x, c, len(kinds), weight, None, mean_weights, var_weights, running_mean, running_var,
-                    constant_mask)
+                    constant_mask, softmax=softmax)
     cpu._stat(stats, "stats", (cpu.stats_size(n, c, bool(renorm)),), stat_dtype(x.dtype))
     if len(output_mask) != 5:
         raise ValueError(f"output_mask must have 5 entries (dx, dweight, dbias, dmean_weights, dvar_weights), "
@@ -171,9 +176,9 @@ def _validate_backward(dy, x, stats, weight, mean_weights, var_weights, running_
 # ---- kernels -------------------------------------------------------------------------------
 
 def _layer_forward_cpu(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                       constant_mask, eps, axis, renorm=None):
+                       constant_mask, eps, axis, renorm=None, softmax=False):
     args = (x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups, constant_mask,
-            eps, axis, renorm)
+            eps, axis, renorm, softmax)
     layout = _validate_forward(*args)
     return cpu.layer_forward(*args, layout=layout)
 
@@ -194,9 +199,9 @@ def _update_running_fake(running_mean, running_var, stats, n, c, length, track, 
 
 
 def _layer_backward_cpu(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                        constant_mask, eps, axis, output_mask, renorm=None):
+                        constant_mask, eps, axis, output_mask, renorm=None, softmax=False):
     args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-            constant_mask, eps, axis, output_mask, renorm)
+            constant_mask, eps, axis, output_mask, renorm, softmax)
     _validate_backward(*args)
     return cpu.layer_backward(*args)
 
@@ -209,12 +214,12 @@ def _same_device(x: Tensor, **tensors) -> None:
             raise ValueError(f"{name} must be on the input's device {x.device}, got {got}")
 
 
-def _fake_shapes(x: Tensor, axis: int, kinds, groups, constant_mask: int, eps: float, renorm=None,
+def _fake_shapes(x: Tensor, axis: int, kinds, groups, constant_mask: int, eps: float, renorm=None, softmax=False,
                  **tensors) -> tuple[int, int]:
     if not 0 < axis < x.dim():
         raise ValueError(f"axis must be a channel axis in [1, {x.dim() - 1}], got {axis}")
     n, c = x.shape[0], x.shape[axis]
-    _validate_spec(c, kinds, groups, constant_mask, eps, renorm)
+    _validate_spec(c, kinds, groups, constant_mask, eps, renorm, softmax)
     for name, t in tensors.items():
         size = len(kinds) if name.endswith("weights") else c
         if t is not None and tuple(t.shape) != (size,):
@@ -224,30 +229,31 @@ def _fake_shapes(x: Tensor, axis: int, kinds, groups, constant_mask: int, eps: f
 
 @torch.library.register_fake("normkit::layer_forward", lib=_lib)
 def _layer_forward_fake(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                        constant_mask, eps, axis, renorm=None):
+                        constant_mask, eps, axis, renorm=None, softmax=False):
     small = dict(weight=weight, bias=bias, mean_weights=mean_weights, var_weights=var_weights,
                  running_mean=running_mean, running_var=running_var)
     _same_device(x, **small)
     if renorm and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required with renorm")
-    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, renorm, **small)
+    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, renorm, softmax, **small)
     return torch.empty_like(x), x.new_empty(cpu.stats_size(n, c, bool(renorm)), dtype=stat_dtype(x.dtype))
 
 
 @torch.library.register_fake("normkit::layer_backward", lib=_lib)
 def _layer_backward_fake(dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                         constant_mask, eps, axis, output_mask, renorm=None):
+                         constant_mask, eps, axis, output_mask, renorm=None, softmax=False):
     small = dict(weight=weight, mean_weights=mean_weights, var_weights=var_weights, running_mean=running_mean,
                  running_var=running_var)
     _same_device(x, dy=dy, stats=stats, **small)
-    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, renorm, **small)
+    n, c = _fake_shapes(x, axis, kinds, groups, constant_mask, eps, renorm, softmax, **small)
     size = cpu.stats_size(n, c, bool(renorm))
     if dy.shape != x.shape or tuple(stats.shape) != (size,) or len(output_mask) != 5:
         raise ValueError(f"dy must have x's shape {tuple(x.shape)}, stats ({size},) entries and "
                          f"output_mask 5, got {tuple(dy.shape)}, {tuple(stats.shape)}, {len(output_mask)}")
     k, dtype = len(kinds), stats.dtype
     sizes = (c, c, k if k > 1 else 0, k if k > 1 else 0)
-    dtypes = (dtype, dtype, torch.float64, torch.float64)
+    weights_dtype = cpu.weight_grad_dtype(dtype, softmax)
+    dtypes = (dtype, dtype, weights_dtype, weights_dtype)
     dx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
     return (dx, *[stats.new_empty(size if want else 0, dtype=kind)
                   for size, want, kind in zip(sizes, output_mask[1:], dtypes)])
@@ -257,22 +263,23 @@ def _layer_backward_fake(dy, x, stats, weight, mean_weights, var_weights, runnin
 
 class _LayerFunction(torch.autograd.Function):
     """The autograd node of ``normkit::layer_forward``. The operator's non-tensor arguments
-    travel as one tuple ``codes = (kinds, groups, constant_mask, eps, axis, renorm)``: each
+    travel as one tuple ``codes = (kinds, groups, constant_mask, eps, axis, renorm, softmax)``: each
     argument of ``apply`` costs autograd a check, and on small inputs that overhead is the bulk
     of a call."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weights, var_weights, running_mean, running_var, codes,
                 direct=False):  # type: ignore[override]
-        kinds, groups, constant_mask, eps, axis, renorm = _full_codes(codes)
+        codes = _full_codes(codes)
+        kinds, groups, constant_mask, eps, axis, renorm, softmax = codes
         args = (x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups, constant_mask,
-                eps, axis, renorm)
+                eps, axis, renorm, softmax)
         if direct:
             y, stats = _layer_forward_cpu(*args)
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 y, stats = torch.ops.normkit.layer_forward(*args)
-        ctx.codes = (kinds, groups, constant_mask, eps, axis, renorm)
+        ctx.codes = codes
         ctx.direct = direct
         if not constant_mask:  # renorm reads running statistics that move right after; its r, d are in stats
             running_mean = running_var = None
@@ -283,16 +290,16 @@ class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dstats):  # type: ignore[override]
         x, stats, weight, bias, mean_weights, var_weights, running_mean, running_var = ctx.saved_tensors
-        kinds, groups, constant_mask, eps, axis, renorm = ctx.codes
+        kinds, groups, constant_mask, eps, axis, renorm, softmax = ctx.codes
         need = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
-            spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps, renorm)
+            spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps, renorm, softmax)
             grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights,
                                             running_mean, running_var, need,
                                             stats[4 * x.shape[0] * x.shape[axis] + 3 * x.shape[axis]:] if renorm else None)
         else:
             args = (dy, x, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                    constant_mask, eps, axis, need, renorm)
+                    constant_mask, eps, axis, need, renorm, softmax)
             # A batched dy (torch's batched-gradient checks) needs the dispatcher's vmap fallback.
             if ctx.direct and _is_dense_cpu(dy):
                 # Everything but dy was validated by the forward and saved (autograd's version
@@ -305,9 +312,13 @@ class _LayerFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+_CODE_DEFAULTS = (None, False)  # renorm, softmax: the schema's defaults
+
+
 def _full_codes(codes: tuple) -> tuple:
-    """``codes`` with ``renorm`` (None when the caller left the schema's default out)."""
-    return codes if len(codes) == 6 else (*codes, None)
+    """``codes`` with ``renorm`` and ``softmax`` (the schema's defaults where the caller left
+    them out)."""
+    return codes if len(codes) == 7 else (*codes, *_CODE_DEFAULTS[len(codes) - 5:])
 
 
 def differentiable_backward(spec: MixSpec, axis: int, dy: Tensor, x: Tensor, weight, bias, mean_weights,
@@ -325,7 +336,7 @@ def differentiable_backward(spec: MixSpec, axis: int, dy: Tensor, x: Tensor, wei
         if isinstance(spec, RenormSpec):
             mu, scale, shift, _ = spec.mix(m_in, None, None, weight, bias, correction=tuple(rd.detach().view(2, -1)))
         else:
-            mu, scale, shift, _ = mix(spec, m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
+            mu, scale, shift, _ = spec.mix(m_in, mean_weights, var_weights, weight, bias, running_mean, running_var)
         if keep is None:
             y = apply_affine(x, mu, scale, shift, axis)
         else:  # zeros in padded positions before and after, as the reference path
@@ -371,68 +382,69 @@ def _plain_eager(x: Tensor) -> bool:
 
 
 class _MaskedLayerFunction(torch.autograd.Function):
-    """A masked layer in eager mode on CPU: the masked C passes around the C mixer, which
-    weights the batch merge by each sample's valid count (no Python mix). ``codes`` as for
-    :class:`_LayerFunction`; ``masks = (valid, mask8)`` from :func:`kernel_mask`."""
+    """A masked layer in eager mode on CPU: one C call per direction, the masked passes around
+    the C mixer, which weights the batch merge by each sample's valid count (no Python mix).
+    ``codes`` as for :class:`_LayerFunction`; ``masks = (valid, mask8)`` from
+    :func:`kernel_mask`; ``total_out``: a one-item list that receives the batch's valid count
+    (for the running update). Returns ``(y, stats)`` (see :func:`cpu.masked_stats_size`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weights, var_weights, running_mean, running_var, codes,
-                masks):  # type: ignore[override]
-        kinds, groups, constant_mask, eps, axis, renorm = codes
+                masks, total_out):  # type: ignore[override]
+        kinds, groups, constant_mask, eps, axis, renorm, softmax = codes
         valid, mask8 = masks
         _validate_forward(x, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-                          constant_mask, eps, axis, renorm)
-        mean, var, count = cpu._moments(x, axis, mask8)
-        mu, scale, shift, bn_mean, bn_var, rd = cpu.mix_forward(
-            mean, var, count, weight, bias, mean_weights, var_weights, running_mean, running_var, kinds, groups,
-            constant_mask, eps, renorm)
-        y = cpu._apply(x, mu, scale, shift, axis, mask8)
+                          constant_mask, eps, axis, renorm, softmax)
+        y, stats, total_out[0] = cpu.layer_forward_masked(x, mask8, weight, bias, mean_weights, var_weights,
+                                                          running_mean, running_var, kinds, groups, constant_mask,
+                                                          eps, axis, renorm, softmax)
         ctx.codes, ctx.valid = codes, valid
-        if not constant_mask:  # renorm's running statistics move right after; its r, d are in rd
+        if not constant_mask:  # renorm's running statistics move right after; its r, d are in stats
             running_mean = running_var = None
-        ctx.save_for_backward(x, mean, var, count, scale, mask8, rd, weight, bias, mean_weights, var_weights,
-                              running_mean, running_var)
-        ctx.mark_non_differentiable(mean, var, count, bn_mean, bn_var)
-        return y, mean, var, count, bn_mean, bn_var
+        ctx.save_for_backward(x, stats, mask8, weight, bias, mean_weights, var_weights, running_mean, running_var)
+        ctx.mark_non_differentiable(stats)
+        return y, stats
 
     @staticmethod
-    def backward(ctx, dy, *_unused):  # type: ignore[override]
-        x, mean, var, count, scale, mask8, rd, weight, bias, mean_weights, var_weights, running_mean, running_var = \
-            ctx.saved_tensors
-        kinds, groups, constant_mask, eps, axis, renorm = ctx.codes
+    def backward(ctx, dy, _dstats):  # type: ignore[override]
+        x, stats, mask8, weight, bias, mean_weights, var_weights, running_mean, running_var = ctx.saved_tensors
+        kinds, groups, constant_mask, eps, axis, renorm, softmax = ctx.codes
         need = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or not _is_dense_cpu(dy):
-            spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps, renorm)
+            spec = spec_from_codes(tuple(kinds), tuple(groups), constant_mask, eps, renorm, softmax)
+            n, c = x.shape[0], x.shape[axis]
+            rd = stats[4 * n * c + 3 * c:4 * n * c + 5 * c] if renorm else None
             grads = differentiable_backward(spec, axis, dy, x, weight, bias, mean_weights, var_weights, running_mean,
                                             running_var, need, rd, ctx.valid)
-            return (*grads, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         _validate_dy(dy, x)
-        sum_dy, sum_dy_xc = cpu._reduce(dy, x, mean, axis, mask8)
-        p, q, dw, db, dmw, dvw = cpu.mix_backward(mean, var, count, sum_dy, sum_dy_xc, weight, mean_weights,
-                                                  var_weights, running_mean, running_var, rd, kinds, groups,
-                                                  constant_mask, eps, need)
-        dx = cpu._backward_apply(dy, x, mean, scale, p, q, axis, mask8) if need[0] else None
-        return (dx, dw if need[1] else None, db if need[2] else None, dmw if need[3] else None,
-                dvw if need[4] else None, None, None, None, None)
+        grads = cpu.layer_backward_masked(dy, x, mask8, stats, weight, mean_weights, var_weights, running_mean,
+                                          running_var, kinds, groups, constant_mask, eps, axis, need, renorm, softmax)
+        return (*grads, None, None, None, None, None)
 
 
-def _operator_args(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var):
-    """A spec and its small tensors as the C layer reads them: ``(kinds, groups,
-    constant_mask, eps, renorm, statistics dtype, weight, bias, mean_weights, var_weights,
-    read_mean, read_var)``, the tensors in the dtypes and layout the operators check."""
+def _operator_args(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
+                   axis: int):
+    """A spec and its small tensors as the C layer reads them: ``(codes, statistics dtype,
+    weight, bias, mean_weights, var_weights, read_mean, read_var)`` with ``codes = (kinds,
+    groups, constant_mask, eps, axis, renorm, softmax)``, the tensors in the dtypes and layout
+    the operators check (a :class:`SoftmaxMixSpec`'s weights are logits of the statistics
+    dtype, the others' float64 weights)."""
     kinds, groups, constant_mask = spec.codes
     renorm = [spec.r_max, spec.d_max] if type(spec) is RenormSpec else None
+    softmax = type(spec) is SoftmaxMixSpec
     dtype = stat_dtype(x.dtype)
     weight, bias = _as_stat(weight, dtype), _as_stat(bias, dtype)
     if len(kinds) == 1:
         mean_weights = var_weights = None
     else:
-        mean_weights, var_weights = _as_stat(mean_weights, torch.float64), _as_stat(var_weights, torch.float64)
+        weights_dtype = cpu.weight_grad_dtype(dtype, softmax)
+        mean_weights, var_weights = _as_stat(mean_weights, weights_dtype), _as_stat(var_weights, weights_dtype)
     read_mean = read_var = None
     if constant_mask or renorm:
         read_mean, read_var = _as_stat(_detached(running_mean), dtype), _as_stat(_detached(running_var), dtype)
-    return (kinds, groups, constant_mask, float(spec.eps), renorm, dtype, weight, bias, mean_weights, var_weights,
-            read_mean, read_var)
+    codes = (kinds, groups, constant_mask, float(spec.eps), axis, renorm, softmax)
+    return codes, dtype, weight, bias, mean_weights, var_weights, read_mean, read_var
 
 
 def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
@@ -441,27 +453,31 @@ def masked_layer_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_we
     statistics of the statistics dtype are moved here, in C, over the batch's valid values
     (``tracked`` None); otherwise ``tracked`` holds the statistics the caller moves them
     with (per-sample ones for an IN running average, the batch's otherwise)."""
-    kinds, groups, constant_mask, eps, renorm, dtype, weight, bias, mean_weights, var_weights, read_mean, read_var = \
-        _operator_args(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var)
+    codes, dtype, weight, bias, mean_weights, var_weights, read_mean, read_var = \
+        _operator_args(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, axis)
+    eps, renorm = codes[3], codes[5]
     masks = kernel_mask(x, axis, mask)
-    y, mean, var, count, bn_mean, bn_var = _MaskedLayerFunction.apply(
-        x, weight, bias, mean_weights, var_weights, read_mean, read_var, (kinds, groups, constant_mask, eps, axis,
-                                                                          renorm), masks)
+    total = [0]  # the valid values of the batch, counted by the C forward
+    y, stats = _MaskedLayerFunction.apply(x, weight, bias, mean_weights, var_weights, read_mean, read_var, codes,
+                                          masks, total)
     if spec.tracked is None or running_mean is None or running_var is None:
         return y, None
+    n, c = x.shape[0], x.shape[axis]
+    stats = stats.detach()
+    count_at = cpu.stats_size(n, c, bool(renorm))
     if spec.tracked == "in":
-        return y, Moments(count, mean, var)
-    total = count.sum()
+        return y, Moments(stats[count_at:].view(n, 1), stats[:n * c].view(n, c), stats[n * c:2 * n * c].view(n, c))
     if running_mean.dtype == dtype and running_var.dtype == dtype and running_mean.is_contiguous() \
             and running_var.is_contiguous() and not (running_mean.requires_grad or running_var.requires_grad):
         check_momentum(momentum)
-        # the update needs more than one valid value per channel: the count is read back
-        cpu.update_batch_running(running_mean, running_var, bn_mean, bn_var, int(total.item()), float(momentum), eps,
-                                 bool(renorm))
+        cpu.update_masked_running(running_mean, running_var, stats, n, c, total[0], float(momentum), eps,
+                                  bool(renorm))
         torch.autograd.graph.increment_version(running_mean)
         torch.autograd.graph.increment_version(running_var)
         return y, None
-    return y, Moments(total.reshape(1, 1), bn_mean.view(1, -1), bn_var.view(1, -1))
+    offset = 4 * n * c + c
+    return y, Moments(stats.new_full((1, 1), float(total[0])), stats[offset:offset + c].view(1, c),
+                      stats[offset + c:offset + 2 * c].view(1, c))
 
 
 def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weights, running_mean, running_var,
@@ -470,18 +486,17 @@ def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weig
     holds the batch statistics when the caller still has to move the running averages (they
     are of another dtype than the statistics; otherwise ``normkit::update_running_`` moved
     them), else None."""
-    kinds, groups, constant_mask, eps, renorm, dtype, weight, bias, mean_weights, var_weights, read_mean, read_var = \
-        _operator_args(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var)
+    codes, dtype, weight, bias, mean_weights, var_weights, read_mean, read_var = \
+        _operator_args(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, axis)
+    eps, renorm = codes[3], codes[5]
     eager = _plain_eager(x)
     if not eager:
         y, stats = torch.ops.normkit.layer_forward(x, weight, bias, mean_weights, var_weights, read_mean, read_var,
-                                                   kinds, groups, constant_mask, eps, axis, renorm)
+                                                   *codes)
     elif torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(weight, bias, mean_weights, var_weights)):
-        y, stats = _LayerFunction.apply(x, weight, bias, mean_weights, var_weights, read_mean, read_var,
-                                        (kinds, groups, constant_mask, eps, axis, renorm), True)
+        y, stats = _LayerFunction.apply(x, weight, bias, mean_weights, var_weights, read_mean, read_var, codes, True)
     else:
-        y, stats = _layer_forward_cpu(x, weight, bias, mean_weights, var_weights, read_mean, read_var, kinds, groups,
-                                      constant_mask, eps, axis, renorm)
+        y, stats = _layer_forward_cpu(x, weight, bias, mean_weights, var_weights, read_mean, read_var, *codes)
     track = _RENORM_TRACK if renorm else _TRACK[spec.tracked]
     if not track or running_mean is None or running_var is None:
         return y, None
@@ -515,5 +530,6 @@ def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
-CPU_KERNELS: KernelSet = cpu.CPU_KERNELS._replace(layer_specs=(MixSpec, RenormSpec), layer=layer_norm_op,
+CPU_KERNELS: KernelSet = cpu.CPU_KERNELS._replace(layer_specs=(MixSpec, RenormSpec, SoftmaxMixSpec),
+                                                  layer=layer_norm_op,
                                                   masked_layer=masked_layer_op)

@@ -13,7 +13,22 @@ from normkit import functional as F
 from normkit._core import InputError, MixSpec, UnsupportedDtypeError, check_eps, check_momentum, normalize_axis
 from normkit.distributed import check_agreement
 
-__all__ = ["NormModule", "NormBase", "check_float_layer_input", "check_input"]
+__all__ = ["NormModule", "NormBase", "check_float_layer_input", "check_input", "registered"]
+
+
+def registered(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name)`` for a parameter or buffer, read from the module's registries.
+    The attribute read goes through ``nn.Module.__getattr__`` (a failed lookup, then a Python
+    call: about 7k instructions, and a small layer's call reads a dozen). A name that is not
+    registered (moved out by ``torch.nn.utils.parametrize``, whose property computes it) is
+    read as an attribute."""
+    params = module._parameters
+    if name in params:
+        return params[name]
+    buffers = module._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
 
 
 def _rank_text(ranks: tuple[int, ...]) -> str:
@@ -114,12 +129,13 @@ class NormModule(nn.Module):
 _SPECS: dict[tuple, MixSpec] = {}
 
 
-def _spec(sources: tuple[str, ...], eps: float, batch_stats: bool, running: str) -> MixSpec:
+def _spec(sources: tuple[str, ...], eps: float, batch_stats: bool, running: str,
+          spec_type: type[MixSpec] = MixSpec) -> MixSpec:
     """The spec of a layer call (specs are immutable, so layers share them)."""
-    key = (sources, eps, batch_stats, running)
+    key = (sources, eps, batch_stats, running, spec_type)
     spec = _SPECS.get(key)
     if spec is None:
-        spec = _SPECS[key] = MixSpec(sources, eps, batch_stats, running)
+        spec = _SPECS[key] = spec_type(sources, eps, batch_stats, running)
     return spec
 
 
@@ -211,15 +227,17 @@ class NormBase(NormModule):
         """Validate x and return the normalized channel axis."""
         return check_input(type(self).__name__, x, self.num_features, self.axis, self._ranks, self._layout)
 
-    def _batch_stats_and_factor(self) -> tuple[bool, float]:
+    def _batch_stats_and_factor(self, running_mean: Optional[Tensor],
+                                num_batches_tracked: Optional[Tensor]) -> tuple[bool, float]:
         """Whether batch statistics are used, and the running-average factor (PyTorch's
-        momentum convention; ``momentum=None`` gives a cumulative average)."""
-        use_batch = (self.training and not self.frozen) or self.running_mean is None
+        momentum convention; ``momentum=None`` gives a cumulative average). Counts the batch."""
+        learning = self.training and not self.frozen
+        use_batch = learning or running_mean is None
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and not self.frozen and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        if learning and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
             if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / float(num_batches_tracked)
         return use_batch, factor
 
     def _sync_group(self, x: Tensor) -> Any:
@@ -244,11 +262,15 @@ class NormBase(NormModule):
         running: str = "bn",
         mean_weights: Optional[Tensor] = None,
         var_weights: Optional[Tensor] = None,
+        spec_type: type[MixSpec] = MixSpec,
     ) -> Tensor:
         """The forward every batch-statistics layer shares: check, pick statistics, normalize.
-        (``eps`` and ``momentum`` were checked when assigned.)"""
+        (``eps`` and ``momentum`` were checked when assigned.) ``mean_weights`` and
+        ``var_weights`` are what ``spec_type``'s mix takes (logits for SN's spec)."""
         axis = self._check_input(x)
-        use_batch, factor = self._batch_stats_and_factor()
+        weight, bias = registered(self, "weight"), registered(self, "bias")
+        running_mean, running_var = registered(self, "running_mean"), registered(self, "running_var")
+        use_batch, factor = self._batch_stats_and_factor(running_mean, registered(self, "num_batches_tracked"))
         group = self._sync_group(x) if "bn" in sources else None
         if self._needs_two_values and use_batch and mask is None and group is None and x.numel() // x.shape[axis] == 1:
             raise ValueError(
@@ -257,13 +279,13 @@ class NormBase(NormModule):
             )
         return F.run(
             x,
-            _spec(sources, self.eps, use_batch, running),
-            self.weight,
-            self.bias,
+            _spec(sources, self.eps, use_batch, running, spec_type),
+            weight,
+            bias,
             mean_weights,
             var_weights,
-            self.running_mean,
-            self.running_var,
+            running_mean,
+            running_var,
             factor,
             axis,
             mask,

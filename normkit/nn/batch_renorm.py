@@ -15,7 +15,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 from normkit import functional as F
-from normkit.nn._base import NormBase
+from normkit.nn._base import NormBase, registered
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -172,7 +172,8 @@ class _BatchRenorm(NormBase):
             self.renorm_dmax.fill_(dmax)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        if not (self.training and not self.frozen and self.running_mean is not None):
+        running_mean = registered(self, "running_mean")
+        if not (self.training and not self.frozen and running_mean is not None):
             return self._run(x, mask, ("bn",))  # eval, frozen or no running statistics: batch norm
         axis = self._check_input(x)
         group = self._sync_group(x)
@@ -192,8 +193,8 @@ class _BatchRenorm(NormBase):
             batches.add_(1)
             rmax, dmax = float(self.renorm_rmax), float(self.renorm_dmax)
         factor = self.momentum if self.momentum is not None else 1.0 / float(batches)
-        return F.renorm_train(x, self.weight, self.bias, self.running_mean, self.running_var, rmax, dmax, factor,
-                              self.eps, axis, mask, group)
+        return F.renorm_train(x, registered(self, "weight"), registered(self, "bias"), running_mean,
+                              registered(self, "running_var"), rmax, dmax, factor, self.eps, axis, mask, group)
 
     # Eager even inside torch.compile: torch 2.13 drops in-place writes to 0-dim float64
     # buffers in compiled code (the bounds buffers kept their initial values), and the step is

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from normkit import functional as F
 from normkit._core import normalize_axis
-from normkit.nn._base import NormBase, NormModule, check_float_layer_input, check_input
+from normkit.nn._base import NormBase, NormModule, check_float_layer_input, check_input, registered
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -64,7 +64,8 @@ class GroupNorm(NormModule, nn.GroupNorm):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         axis = check_input(type(self).__name__, x, self.num_channels, self.axis)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, channel_axis=axis, mask=mask)
+        return F.group_norm(x, self.num_groups, registered(self, "weight"), registered(self, "bias"), self.eps,
+                            channel_axis=axis, mask=mask)
 
     def to_torch(self) -> nn.Module:
         return self._twin(self.num_groups, self.num_channels, self.eps, self.affine)
@@ -110,7 +111,8 @@ class LayerNorm(NormModule, nn.LayerNorm):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         check_float_layer_input(type(self).__name__, x)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask)
+        return F.layer_norm(x, self.normalized_shape, registered(self, "weight"), registered(self, "bias"), self.eps,
+                            mask=mask)
 
     def to_torch(self) -> nn.Module:
         return self._twin(self.normalized_shape, self.eps, self.elementwise_affine)
@@ -150,9 +152,10 @@ class _InstanceNorm(NormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          center=center, scale=scale, axis=axis, frozen=frozen)
 
-    def _batch_stats_and_factor(self) -> tuple[bool, float]:
+    def _batch_stats_and_factor(self, running_mean: Optional[Tensor],
+                                num_batches_tracked: Optional[Tensor]) -> tuple[bool, float]:
         # torch's instance norm: no batch count, and momentum=None means "leave them as they are"
-        use_batch = (self.training and not self.frozen) or self.running_mean is None
+        use_batch = (self.training and not self.frozen) or running_mean is None
         return use_batch, 0.0 if self.momentum is None else self.momentum
 
     def _check_input(self, x: Tensor) -> int:

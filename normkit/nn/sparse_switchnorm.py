@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from normkit._core import MixSpec
 from normkit._core.sparsestmax import layer_weights, max_radius
 from normkit.nn.switchnorm import _SwitchNorm
 
@@ -137,6 +138,9 @@ class _SparseSwitchNorm(_SwitchNorm):
     def set_radius(self, radius: float) -> None:
         """Set the radius (clipped to :attr:`max_radius`), e.g. from your own training loop."""
         self.radius.fill_(self._checked(radius, "radius"))
+
+    def _mix_inputs(self, mean_logits: Tensor, var_logits: Tensor) -> tuple[type[MixSpec], Tensor, Tensor]:
+        return (MixSpec, *self._importance_weights())
 
     def _importance_weights(self) -> tuple[Tensor, Tensor]:
         # one training step; a torch.func transform (jacrev, vmap, ...) analyses the layer and

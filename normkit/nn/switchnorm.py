@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from normkit._core import check_weights, parse_sources, softmax_weights
-from normkit.nn._base import NormBase
+from normkit._core import MixSpec, SoftmaxMixSpec, check_weights, parse_sources
+from normkit.nn._base import NormBase, registered
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d"]
 
@@ -135,16 +135,19 @@ class _SwitchNorm(NormBase):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if self.sources is not getattr(self, "_parsed", None):  # reassigned since construction: check it
             self.sources = self._parsed = parse_sources(self.sources, self.num_features)
-        weights = (None, None)
-        if len(self.sources) > 1:  # SN's policy: importance weights are the softmax of the logits
-            for logits, name in ((self.mean_logits, "mean_logits"), (self.var_logits, "var_logits")):
-                check_weights(logits, name, self.sources, x.device)
-            weights = self._importance_weights()
-        return self._run(x, mask, self.sources, mean_weights=weights[0], var_weights=weights[1])
+        if len(self.sources) == 1:
+            return self._run(x, mask, self.sources)
+        mean_logits, var_logits = registered(self, "mean_logits"), registered(self, "var_logits")
+        check_weights(mean_logits, "mean_logits", self.sources, x.device)
+        check_weights(var_logits, "var_logits", self.sources, x.device)
+        spec_type, mean_in, var_in = self._mix_inputs(mean_logits, var_logits)
+        return self._run(x, mask, self.sources, mean_weights=mean_in, var_weights=var_in, spec_type=spec_type)
 
-    def _importance_weights(self) -> tuple[Tensor, Tensor]:
-        """SN's policy: float64 softmaxes of the logits (a subclass with another policy overrides it)."""
-        return softmax_weights(self.mean_logits, self.var_logits)
+    def _mix_inputs(self, mean_logits: Tensor, var_logits: Tensor) -> tuple[type[MixSpec], Tensor, Tensor]:
+        """``(spec type, mean input, variance input)`` of the mix. SN's policy: the logits,
+        which the mix turns into their float64 softmaxes (the fused CPU kernel in the same
+        call). A subclass with another policy returns ``MixSpec`` and its weights."""
+        return SoftmaxMixSpec, mean_logits, var_logits
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

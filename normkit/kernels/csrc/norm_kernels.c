@@ -636,6 +636,9 @@ NK_API int nk_has_half(void) { return NK_HAS_HALF; }
  * (BN in eval, or IN from running averages) reads running_mean/var and gets no gradient.
  * mu = sum_k wm_k mu_k, var = sum_k wv_k var_k with the caller's importance weights (K > 1),
  * scale = gamma / sqrt(max(var, 0) + eps), shift = beta. All arithmetic in double.
+ * With softmax = 1 the caller passes logits in the statistics dtype instead of double weights
+ * (Switchable Normalization's policy, computed here rather than by two framework ops per
+ * direction), and the backward returns the logits' gradients in that dtype.
  */
 #define MAX_SOURCES 16
 
@@ -788,12 +791,39 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         for (int k = 0; k < K; k++) total += 2 * source_size(kinds[k], 0, N, C, groups[k]);     \
         return total;                                                                           \
     }                                                                                           \
-    /* importance weights, given by the caller (K > 1; one source has weight 1) */           \
-    static void weights_##SFX(int K, const double *mw, const double *vw, double *wm, double *wv) {        \
-        for (int k = 0; k < K; k++) {                                                           \
-            wm[k] = K == 1 ? 1.0 : mw[k];                                               \
-            wv[k] = K == 1 ? 1.0 : vw[k];                                               \
+    /* softmax of K logits, as torch computes it: exp(l - max) / sum */                      \
+    static void softmax_##SFX(int K, const S *logits, double *w) {                              \
+        double top = (double)logits[0], total = 0.0;                                            \
+        for (int k = 1; k < K; k++) top = (double)logits[k] > top ? (double)logits[k] : top;    \
+        for (int k = 0; k < K; k++) total += w[k] = exp((double)logits[k] - top);               \
+        for (int k = 0; k < K; k++) w[k] /= total;                                              \
+    }                                                                                           \
+    /* importance weights (K > 1; one source has weight 1): the caller's double weights, or     \
+     * with softmax the softmax of its logits of dtype S */                                     \
+    static void weights_##SFX(int K, int softmax, const void *mw, const void *vw, double *wm,   \
+                              double *wv) {                                                     \
+        if (K > 1 && softmax) {                                                                 \
+            softmax_##SFX(K, (const S *)mw, wm);                                                \
+            softmax_##SFX(K, (const S *)vw, wv);                                                \
+            return;                                                                             \
         }                                                                                       \
+        for (int k = 0; k < K; k++) {                                                           \
+            wm[k] = K == 1 ? 1.0 : ((const double *)mw)[k];                                     \
+            wv[k] = K == 1 ? 1.0 : ((const double *)vw)[k];                                     \
+        }                                                                                       \
+    }                                                                                           \
+    /* the weights' gradients g (double) written out: as they are, or through the softmax      \
+     * (dl_k = w_k (g_k - sum_j w_j g_j)) in dtype S */                                         \
+    static void weight_grads_##SFX(int K, int softmax, const double *w, const double *g,        \
+                                   void *out) {                                                 \
+        if (!out) return;                                                                       \
+        if (!softmax) {                                                                         \
+            for (int k = 0; k < K; k++) ((double *)out)[k] = g[k];                              \
+            return;                                                                             \
+        }                                                                                       \
+        double dot = 0.0;                                                                       \
+        for (int k = 0; k < K; k++) dot += w[k] * g[k];                                         \
+        for (int k = 0; k < K; k++) ((S *)out)[k] = (S)(w[k] * (g[k] - dot));                   \
     }                                                                                           \
     /* Batch Renorm (Ioffe 2017): r = clip(sigma_B / sigma, 1/rmax, rmax), d = clip((mu_B - mu)  \
      * / sigma, -dmax, dmax) from the running mu, sigma = sqrt(running_var + eps); scale =      \
@@ -817,8 +847,8 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
     }                                                                                           \
     /* Forward: mu, scale (N, C), shift (C), and the BN source's batch statistics (C). */       \
     NK_API int nk_mix_forward_##SFX(i64 N, i64 C, int K, const int *kinds, const i64 *groups,   \
-                                    int const_mask, const S *mean, const S *var,                \
-                                    const double *mw, const double *vw, const S *rmean,         \
+                                    int const_mask, int softmax, const S *mean, const S *var,   \
+                                    const void *mw, const void *vw, const S *rmean,             \
                                     const S *rvar, const S *gamma, const S *beta, double eps,   \
                                     const double *renorm, const S *cnt, S *mu, S *scale,        \
                                     S *shift, S *bn_mean, S *bn_var, S *rd) {                   \
@@ -830,7 +860,7 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         if (!pool) return -1;                                                                   \
         double *m = pool + psize, *v = m + N * C;                                               \
         build_sources_##SFX(N, C, K, kinds, groups, mean, var, rmean, rvar, const_mask, cnt, src, pool); \
-        weights_##SFX(K, mw, vw, wm, wv);                                             \
+        weights_##SFX(K, softmax, mw, vw, wm, wv);                                              \
         mix(src, K, wm, wv, N, C, m, v);                                                        \
         rstd_in_place(v, N * C, eps);                                                           \
         if (renorm) { /* Batch Renorm: one BN source (the operator checks) */                \
@@ -873,11 +903,12 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
     /* Backward from A = sum(dy), B = sum(dy * (x - mean)) per (n, c): p, q for the dx pass     \
      * (dx = dy * scale + (x - mean) * q + p), and the gradients of gamma, beta and logits. */  \
     NK_API int nk_mix_backward_##SFX(i64 N, i64 C, i64 L, int K, const int *kinds,              \
-                                     const i64 *groups, int const_mask, const S *mean,          \
-                                     const S *var, const double *mw, const double *vw,          \
-                                     const S *rmean, const S *rvar, const S *gamma, double eps, \
-                                     const S *A, const S *B, const S *rd, const S *cnt, S *p,   \
-                                     S *q, S *dgamma, S *dbeta, double *dmw, double *dvw) {     \
+                                     const i64 *groups, int const_mask, int softmax,            \
+                                     const S *mean, const S *var, const void *mw,               \
+                                     const void *vw, const S *rmean, const S *rvar,             \
+                                     const S *gamma, double eps, const S *A, const S *B,        \
+                                     const S *rd, const S *cnt, S *p, S *q, S *dgamma,          \
+                                     S *dbeta, void *dmw, void *dvw) {                          \
         if (K < 1 || K > MAX_SOURCES) return -2;                                                \
         source_t src[MAX_SOURCES];                                                              \
         double wm[MAX_SOURCES], wv[MAX_SOURCES];                                                \
@@ -889,7 +920,7 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
         double *m = pool + psize, *v = m + nc, *Gm = v + nc, *Gv = Gm + nc;                     \
         double *gmean = Gv + nc, *gvar = gmean + nc, *dg = gvar + nc, *db = dg + C;             \
         double *sums = db + C;                                                                  \
-        weights_##SFX(K, mw, vw, wm, wv);                                             \
+        weights_##SFX(K, softmax, mw, vw, wm, wv);                                              \
         mix(src, K, wm, wv, N, C, m, v);                                                        \
         for (i64 i = 0; i < nc; i++) Gv[i] = 1.0;                                               \
         rstd_in_place(v, nc, eps);                                                              \
@@ -911,13 +942,16 @@ static void mix(const source_t *src, int K, const double *wm, const double *wv, 
             if (dbeta) dbeta[c] = (S)db[c];                                                     \
         }                                                                                       \
         if (K > 1) { /* d/dw_k = sum Gm * m_k (and likewise for the variance weights) */        \
+            double gm[MAX_SOURCES], gv[MAX_SOURCES];                                            \
             for (int k = 0; k < K; k++) {                                                       \
                 const source_t *s = &src[k];                                                    \
                 double tm = 0.0, tv = 0.0;                                                      \
                 FOR_SOURCE(s, N, C, tm += Gm[i] * s->m[j]; tv += Gv[i] * s->v[j];);             \
-                if (dmw) dmw[k] = tm;                                              \
-                if (dvw) dvw[k] = tv;                                              \
+                gm[k] = tm;                                                                     \
+                gv[k] = tv;                                                                     \
             }                                                                                   \
+            weight_grads_##SFX(K, softmax, wm, gm, dmw);                                        \
+            weight_grads_##SFX(K, softmax, wv, gv, dvw);                                        \
         }                                                                                       \
         memset(gmean, 0, sizeof(double) * (size_t)(2 * nc));                                    \
         for (int k = 0; k < K; k++) {                                                           \
@@ -1039,7 +1073,8 @@ DEFINE_RENORM_RUNNING(f64, double)
 #define DEFINE_LAYER(SFX, T, S, MS)                                                             \
     NK_API int nk_layer_forward_##SFX(int nlc, const T *x, T *y, i64 N, i64 C, i64 L, int K,    \
                                       const int *kinds, const i64 *groups, int const_mask,      \
-                                      int need_moments, S *stats, const double *ml, const double *vl,     \
+                                      int softmax, int need_moments, S *stats, const void *ml,  \
+                                      const void *vl,                                           \
                                       const S *rm, const S *rv, const S *w, const S *b,         \
                                       double eps, const double *renorm, int nt) {               \
         const i64 nc = N * C;                                                                   \
@@ -1052,7 +1087,7 @@ DEFINE_RENORM_RUNNING(f64, double)
         } else {                                                                                \
             memset(stats, 0, sizeof(S) * (size_t)(2 * nc));                                    \
         }                                                                                       \
-        code = nk_mix_forward_##MS(N, C, K, kinds, groups, const_mask, mean, var, ml, vl, rm,   \
+        code = nk_mix_forward_##MS(N, C, K, kinds, groups, const_mask, softmax, mean, var, ml, vl, rm, \
                                    rv, w, b, eps, renorm, NULL, mu, scale, shift, bn_mean, bn_var, \
                                    renorm ? rd : NULL);                                         \
         if (code) return code;                                                                  \
@@ -1061,10 +1096,10 @@ DEFINE_RENORM_RUNNING(f64, double)
     }                                                                                           \
     NK_API int nk_layer_backward_##SFX(int nlc, const T *dy, const T *x, T *dx, i64 N, i64 C,   \
                                        i64 L, int K, const int *kinds, const i64 *groups,       \
-                                       int const_mask, const S *stats, const double *ml,             \
-                                       const double *vl, const S *rm, const S *rv, const S *w,       \
-                                       double eps, int renorm, S *dgamma, S *dbeta, double *dml, \
-                                       double *dvl, int nt) {                                   \
+                                       int const_mask, int softmax, const S *stats,             \
+                                       const void *ml, const void *vl, const S *rm,             \
+                                       const S *rv, const S *w, double eps, int renorm,         \
+                                       S *dgamma, S *dbeta, void *dml, void *dvl, int nt) {     \
         const i64 nc = N * C;                                                                   \
         const S *mean = stats, *var = stats + nc, *scale = stats + 3 * nc;                      \
         const S *rd = renorm ? stats + 4 * nc + 3 * C : NULL;                                   \
@@ -1073,9 +1108,62 @@ DEFINE_RENORM_RUNNING(f64, double)
         S *A = work, *B = A + nc, *p = B + nc, *q = p + nc;                                     \
         int code = nk_reduce_##SFX(nlc, dy, x, N, C, L, mean, A, B, nt);                        \
         if (!code)                                                                              \
-            code = nk_mix_backward_##MS(N, C, L, K, kinds, groups, const_mask, mean, var, ml,   \
+            code = nk_mix_backward_##MS(N, C, L, K, kinds, groups, const_mask, softmax, mean, var, ml, \
                                         vl, rm, rv, w, eps, A, B, rd, NULL, p, q, dgamma, dbeta, dml, dvl); \
         if (!code && dx) nk_backward_apply_##SFX(nlc, dy, x, dx, N, C, L, mean, scale, p, q, nt); \
+        free(work);                                                                             \
+        return code;                                                                            \
+    }
+
+/* ---- the masked layer in one call per direction ------------------------------------------
+ * The masked passes around the mixer, which weighs the batch merge by each sample's valid
+ * count. stats as for the unmasked layer (with Batch Renorm's r, d), then the per-sample
+ * valid counts (N); *valid_total receives their sum (the running update's count).
+ */
+#define DEFINE_MASKED_LAYER(SFX, T, S, MS)                                                      \
+    NK_API int nk_layer_forward_masked_##SFX(int nlc, const T *x, const uint8_t *mask, T *y,    \
+                                             i64 N, i64 C, i64 L, int K, const int *kinds,      \
+                                             const i64 *groups, int const_mask, int softmax,    \
+                                             S *stats, const void *ml, const void *vl,          \
+                                             const S *rm, const S *rv, const S *w, const S *b,  \
+                                             double eps, const double *renorm, i64 *valid_total, \
+                                             int nt) {                                          \
+        const i64 nc = N * C;                                                                   \
+        S *mean = stats, *var = stats + nc, *mu = var + nc, *scale = mu + nc;                   \
+        S *shift = scale + nc, *bn_mean = shift + C, *bn_var = bn_mean + C, *rd = bn_var + C;   \
+        S *count = rd + (renorm ? 2 * C : 0);                                                   \
+        int code = nk_moments_masked_##SFX(nlc, x, mask, N, C, L, count, mean, var, nt);       \
+        if (code) return code;                                                                  \
+        double total = 0.0;                                                                     \
+        for (i64 n = 0; n < N; n++) total += (double)count[n];                                  \
+        *valid_total = (i64)total;                                                              \
+        code = nk_mix_forward_##MS(N, C, K, kinds, groups, const_mask, softmax, mean, var, ml, vl, rm, \
+                                   rv, w, b, eps, renorm, count, mu, scale, shift, bn_mean,     \
+                                   bn_var, renorm ? rd : NULL);                                 \
+        if (code) return code;                                                                  \
+        return nk_apply_masked_##SFX(nlc, x, mask, y, N, C, L, mu, scale, shift, nt);           \
+    }                                                                                           \
+    NK_API int nk_layer_backward_masked_##SFX(int nlc, const T *dy, const T *x,                 \
+                                              const uint8_t *mask, T *dx, i64 N, i64 C, i64 L,  \
+                                              int K, const int *kinds, const i64 *groups,       \
+                                              int const_mask, int softmax, const S *stats,      \
+                                              const void *ml, const void *vl, const S *rm,      \
+                                              const S *rv, const S *w, double eps, int renorm,  \
+                                              S *dgamma, S *dbeta, void *dml, void *dvl, int nt) { \
+        const i64 nc = N * C;                                                                   \
+        const S *mean = stats, *var = stats + nc, *scale = stats + 3 * nc;                      \
+        const S *rd = renorm ? stats + 4 * nc + 3 * C : NULL;                                   \
+        const S *count = stats + 4 * nc + (renorm ? 5 : 3) * C;                                 \
+        S *work = (S *)malloc(sizeof(S) * (size_t)(4 * nc));                                    \
+        if (!work) return -1;                                                                   \
+        S *A = work, *B = A + nc, *p = B + nc, *q = p + nc;                                     \
+        int code = nk_reduce_masked_##SFX(nlc, dy, x, mask, N, C, L, mean, A, B, nt);           \
+        if (!code) /* L = 1: the mixer divides by each sample's count */                        \
+            code = nk_mix_backward_##MS(N, C, 1, K, kinds, groups, const_mask, softmax, mean, var, ml, \
+                                        vl, rm, rv, w, eps, A, B, rd, count, p, q, dgamma, dbeta, \
+                                        dml, dvl);                                              \
+        if (!code && dx)                                                                        \
+            code = nk_backward_apply_masked_##SFX(nlc, dy, x, mask, dx, N, C, L, mean, scale, p, q, nt); \
         free(work);                                                                             \
         return code;                                                                            \
     }
@@ -1085,4 +1173,11 @@ DEFINE_LAYER(f64, double, double, f64)
 DEFINE_LAYER(bf16, uint16_t, float, f32)
 #if NK_HAS_HALF
 DEFINE_LAYER(f16, half_t, float, f32)
+#endif
+
+DEFINE_MASKED_LAYER(f32, float, float, f32)
+DEFINE_MASKED_LAYER(f64, double, double, f64)
+DEFINE_MASKED_LAYER(bf16, uint16_t, float, f32)
+#if NK_HAS_HALF
+DEFINE_MASKED_LAYER(f16, half_t, float, f32)
 #endif
