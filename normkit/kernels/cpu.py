@@ -356,16 +356,9 @@ def layer_forward_masked(x, mask8, weight, bias, mean_weights, var_weights, runn
     return y, stats, total.value
 
 
-def layer_backward_masked(dy, x, mask8, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds,
-                          groups, constant_mask, eps, axis, output_mask, renorm=None, softmax=False):
-    """One C call: the masked backward sums, the mixer's backward, the masked dx. ``(dx,
-    dweight, dbias, dmean_weights, dvar_weights)``, None where ``output_mask`` says not
-    wanted. ``dy`` is converted to x's dtype and layout when it differs; the rest were
-    validated by the forward that made ``stats``."""
-    nlc, n, c, length = layout_of(x, axis)  # type: ignore[misc]
-    dtype = stats.dtype
-    plan = _plan(kinds, groups, constant_mask)
-    k = plan.k
+def _backward_buffers(dy, x, nlc: int, axis: int, c: int, k: int, dtype, output_mask, softmax: bool):
+    """``(dy, dx, dweight, dbias, dmean_weights, dvar_weights)`` for a backward call: ``dy``
+    in x's dtype and layout, and an output buffer for each gradient asked for (None otherwise)."""
     if not (dy.dtype == x.dtype and axis == 1 and nlc == 0 and dy.is_contiguous()):
         dy = matching(dy, x, nlc, axis)
     want_dx, want_w, want_b, want_mw, want_vw = output_mask
@@ -375,6 +368,19 @@ def layer_backward_masked(dy, x, mask8, stats, weight, mean_weights, var_weights
     db = torch.empty(c, dtype=dtype) if want_b else None
     dmw = torch.empty(k, dtype=weights_dtype) if want_mw and k > 1 else None
     dvw = torch.empty(k, dtype=weights_dtype) if want_vw and k > 1 else None
+    return dy, dx, dw, db, dmw, dvw
+
+
+def layer_backward_masked(dy, x, mask8, stats, weight, mean_weights, var_weights, running_mean, running_var, kinds,
+                          groups, constant_mask, eps, axis, output_mask, renorm=None, softmax=False):
+    """One C call: the masked backward sums, the mixer's backward, the masked dx. ``(dx,
+    dweight, dbias, dmean_weights, dvar_weights)``, None where ``output_mask`` says not
+    wanted. ``dy`` is converted to x's dtype and layout when it differs; the rest were
+    validated by the forward that made ``stats``."""
+    nlc, n, c, length = layout_of(x, axis)  # type: ignore[misc]
+    plan = _plan(kinds, groups, constant_mask)
+    k = plan.k
+    dy, dx, dw, db, dmw, dvw = _backward_buffers(dy, x, nlc, axis, c, k, stats.dtype, output_mask, softmax)
     _check(_FNS[x.dtype].layer_backward_masked(
         nlc, dy.data_ptr(), x.data_ptr(), mask8.data_ptr(), _ptr(dx), n, c, length, k, plan.kinds, plan.groups,
         constant_mask, int(softmax), stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean),
@@ -405,18 +411,9 @@ def layer_backward_wanted(dy, x, stats, weight, mean_weights, var_weights, runni
                           constant_mask, eps, axis, output_mask, renorm=None, softmax=False, layout=None):
     """:func:`layer_backward` with None for each gradient not asked for (no allocation)."""
     nlc, n, c, length = layout or layout_of(x, axis)  # type: ignore[misc]
-    dtype = stats.dtype
     plan = _plan(kinds, groups, constant_mask)
     k = plan.k
-    if not (dy.dtype == x.dtype and axis == 1 and nlc == 0 and dy.is_contiguous()):
-        dy = matching(dy, x, nlc, axis)
-    want_dx, want_w, want_b, want_mw, want_vw = output_mask
-    dx = torch.empty_like(x) if want_dx else None
-    dw = torch.empty(c, dtype=dtype) if want_w else None
-    db = torch.empty(c, dtype=dtype) if want_b else None
-    weights_dtype = weight_grad_dtype(dtype, softmax)
-    dmw = torch.empty(k, dtype=weights_dtype) if want_mw and k > 1 else None
-    dvw = torch.empty(k, dtype=weights_dtype) if want_vw and k > 1 else None
+    dy, dx, dw, db, dmw, dvw = _backward_buffers(dy, x, nlc, axis, c, k, stats.dtype, output_mask, softmax)
     _check(_FNS[x.dtype].layer_backward(
         nlc, dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, length, k, plan.kinds, plan.groups, constant_mask,
         int(softmax), stats.data_ptr(), _ptr(mean_weights), _ptr(var_weights), _ptr(running_mean), _ptr(running_var), _ptr(weight),
