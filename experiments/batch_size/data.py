@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_DATA_DIR", "DataError", "Dataset", "read_idx", "load_fashion_mnist", "load_digits", "load_dataset"]
+__all__ = ["DEFAULT_DATA_DIR", "DataError", "Dataset", "read_idx", "load_fashion_mnist", "load_digits", "load_dataset", "pooled"]
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -175,3 +175,30 @@ def load_dataset(data_dir: Optional[str] = None, dataset: str = "auto") -> tuple
         )
         return load_digits(), notice
     return load_fashion_mnist(data_dir), None
+
+
+_pooled_cache: list[tuple[Dataset, int, Dataset]] = []
+
+
+def pooled(data: Dataset, factor: int) -> Dataset:
+    """``data`` with every image average-pooled by ``factor`` (28x28 -> 14x14 for 2; a
+    trailing row / column that does not fill a window is dropped), as float32 in [0, 255]
+    with the mean and std of the pooled training images. ``factor`` 1 returns ``data``
+    itself. The result is cached per dataset object (a sweep process pools once)."""
+    if factor == 1:
+        return data
+    for source, f, hit in _pooled_cache:
+        if source is data and f == factor:
+            return hit
+
+    if factor > min(data.train_images.shape[-2:]):
+        raise DataError(f"pool {factor} leaves no pixels of the {tuple(data.train_images.shape[-2:])} images")
+
+    def pool(images: Tensor) -> Tensor:
+        return torch.nn.functional.avg_pool2d(images.float(), factor)
+
+    train, test = pool(data.train_images), pool(data.test_images)
+    mean, std = _stats(train)
+    out = Dataset(data.name + f" (pooled {factor}x)", train, data.train_labels, test, data.test_labels, mean, std, data.num_classes)
+    _pooled_cache[:] = [(data, factor, out)]  # one pooled copy at a time (a sweep uses one setting)
+    return out

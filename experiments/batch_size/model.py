@@ -2,7 +2,8 @@
 
 A full-resolution stem, then three stages of basic blocks (widths ``w, 2w, 4w``), each
 halving the resolution (28 -> 14 -> 7 -> 4), so the last stage's batch statistics come from
-only 16 positions per sample, as in the deep layers of an ImageNet ResNet;
+only 16 positions per sample, as in the deep layers of an ImageNet ResNet (the demo's 2x
+pooled 14x14 images: 14 -> 7 -> 4 -> 2, 4 positions);
 global average pooling and a linear classifier. Every normalization layer is built by
 :func:`normkit.create_norm`, so the same network runs with BN, GN, LN, IN or SN, the
 comparison of the SN paper (Luo et al., ICLR 2019) at a size that trains in seconds on a CPU.

@@ -296,6 +296,13 @@ def summary_text(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _images(run: dict[str, Any]) -> str:
+    size, pool = run.get("image_size"), run["config"].get("pool", 1)
+    if not size:
+        return ""
+    return f" on {size[0]}x{size[1]} images" + (f" ({pool}x{pool} average-pooled)" if pool > 1 else "")
+
+
 def results_markdown(runs: list[dict[str, Any]], command: str = "", elapsed: Optional[float] = None) -> str:
     """``results.md``: settings, summary of claims, accuracy tables, differences, importance
     weights, moving vs batch averages, speed."""
@@ -307,7 +314,7 @@ def results_markdown(runs: list[dict[str, Any]], command: str = "", elapsed: Opt
     lines = [
         f"# Normalizers vs batch size on {first['dataset']}",
         "",
-        f"Small residual CNN (`ResNetSmall`, width {cfg['width']}, 10 norm layers); {first['train_samples']} training samples "
+        f"Small residual CNN (`ResNetSmall`, width {cfg['width']}, 10 norm layers){_images(first)}; {first['train_samples']} training samples "
         f"x {cfg['epochs']} epoch(s) per run (a fixed random subset per seed), {first['test_samples']} test samples; "
         f"seeds {', '.join(map(str, cells.seeds))}; {first['world_size']} process(es) per run, {cfg['threads']} thread(s).",
         f"Learning rate: {first['lr_rule']}. SGD, Nesterov momentum {cfg['momentum']}, weight decay "

@@ -106,7 +106,8 @@ def sweep(
         log(notice)
     log(
         f"sweep: {len(configs)} runs ({', '.join(n.upper() for n in grid.norms)} x batch {','.join(map(str, grid.batch_sizes))} "
-        f"x {len(grid.seeds)} seed(s){f', + momentum sweep' if grid.momenta else ''}) on {data.name}, "
+        f"x {len(grid.seeds)} seed(s){f', + momentum sweep' if grid.momenta else ''}) on {data.name}"
+        f"{f' average-pooled {base.pool}x' if base.pool > 1 else ''}, "
         f"{base.limit_train or len(data.train_labels)} training samples x {base.epochs} epoch(s), {jobs} process(es)"
     )
     results: dict[int, dict[str, Any]] = {}

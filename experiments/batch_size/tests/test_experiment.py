@@ -222,6 +222,52 @@ def test_train_writes_result_and_is_reproducible(tmp_path):
     assert "recompute_stats: 1 batches (64 samples), 10 layers updated" == stored["recompute"]
 
 
+def test_pooled_images_and_their_statistics(tmp_path):
+    data, _ = load_dataset(fake_fashion(tmp_path / "fm", size=12))
+    assert data_mod.pooled(data, 1) is data
+    small = data_mod.pooled(data, 2)
+    assert small.train_images.shape == (96, 1, 6, 6) and small.test_images.shape == (40, 1, 6, 6)
+    block = data.train_images[5, 0, 2:4, 6:8].double().mean()
+    assert small.train_images[5, 0, 1, 3].item() == pytest.approx(block.item(), abs=1e-4)
+    assert torch.equal(small.train_labels, data.train_labels) and small.name == "fashion-mnist (pooled 2x)"
+    x = small.batch(small.train_images).double()
+    assert abs(x.mean().item()) < 1e-5 and x.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert data_mod.pooled(data, 2) is small  # pooled once per process and dataset
+    with pytest.raises(DataError, match="leaves no pixels"):
+        data_mod.pooled(data, 13)
+
+
+def test_pool_is_left_out_of_the_config_key_at_its_default(tmp_path):
+    assert "pool" not in TrainConfig().to_dict() and TrainConfig(pool=2).to_dict()["pool"] == 2
+    d = fake_fashion(tmp_path / "fm", size=12)
+    cfg = TrainConfig(norm="bn", batch_size=8, width=4, data_dir=d, pool=2, recompute_samples=32)
+    first = train(cfg, str(tmp_path / "a"), progress=False, log=lambda _m: None)
+    assert first["image_size"] == [6, 6] and first["config"]["pool"] == 2 and first["dataset"] == "fashion-mnist (pooled 2x)"
+    assert train(cfg, None, progress=False, log=lambda _m: None)["history"] == first["history"]
+    assert "10 norm layers) on 6x6 images (2x2 average-pooled);" in results_markdown([first])
+    assert train(TrainConfig(norm="bn", batch_size=8, width=4, data_dir=d), None, progress=False, log=lambda _m: None)["image_size"] == [12, 12]
+    assert "pool must be a positive integer" in str(pytest.raises(ConfigError, train, TrainConfig(pool=0)).value)
+
+
+def test_full_sweep_reuses_the_committed_study_runs():
+    """`sweep --full` builds exactly the config key stored in docs/study/runs/*/result.json,
+    so new options (``pool``) leave the finished full-study runs reusable."""
+    from experiments.batch_size.cli import _config, _fill_sweep_defaults, build_parser
+    from experiments.batch_size.sweep import _finished, grid_configs, run_dir
+
+    study = os.path.join(REPO, "docs", "study", "runs")
+    if not os.path.isdir(study):
+        pytest.skip("no committed full-study runs")
+    args = build_parser().parse_args(["sweep", "--full"])
+    _fill_sweep_defaults(args)
+    grid = Grid(args.norms, args.batch_sizes, args.seeds, args.momenta, args.momentum_norms, args.momentum_batch)
+    configs = {os.path.basename(run_dir("", c)): c for c in grid_configs(_config(args, args.norms[0], args.batch_sizes[0]), grid)}
+    names = sorted(os.listdir(study))
+    assert len(names) >= 12
+    for name in names:
+        assert _finished(os.path.join(study, name), configs[name]) is not None, name
+
+
 def test_sweep_smoke_resume_and_parallel(tmp_path, monkeypatch):
     d = fake_fashion(tmp_path / "fm")
     base = TrainConfig(epochs=1, width=4, data_dir=d, recompute_samples=32, limit_test=20)
@@ -422,14 +468,18 @@ def test_default_outputs_and_grids(tmp_path, monkeypatch):
     d = fake_fashion(tmp_path / "fm")
     assert main(["train", "--norm", "BN", "--batch-size", "4", "--seed", "2", "--data-dir", d]) == 0
     assert seen["out"] == os.path.join("runs", "train", "bn-b4-s2") and seen["cfg"].threads == 1 and seen["cfg"].epochs == 1
+    assert seen["cfg"].pool == 1 and "pool" not in seen["cfg"].to_dict()
     assert main(["sweep", "--data-dir", d]) == 0
     assert seen["out"] == os.path.join("runs", "sweep") and seen["jobs"] == min(2, os.cpu_count())
     assert seen["grid"].norms == available_norms() and available_norms()[:3] == ["bn", "gn", "sn"]
     assert list(seen["grid"].batch_sizes) == [1, 2, 4, 8, 16, 32] and list(seen["grid"].seeds) == [0, 1, 2]
-    assert (seen["cfg"].limit_train, seen["cfg"].epochs, seen["grid"].momenta) == (2000, 1, [0.01, 0.003])
+    demo = (seen["cfg"].limit_train, seen["cfg"].epochs, seen["cfg"].limit_test, seen["cfg"].pool, seen["grid"].momenta)
+    assert demo == (2000, 2, 5000, 2, [0.01, 0.003])
     assert main(["sweep", "--full", "--data-dir", d, "--no-momentum-sweep"]) == 0
     assert seen["out"] == os.path.join("runs", "full") and (seen["cfg"].limit_train, seen["cfg"].epochs) == (None, 4)
+    assert (seen["cfg"].limit_test, seen["cfg"].pool, seen["cfg"].width) == (None, 1, 16)
     assert seen["grid"].momenta == [] and seen["grid"].momentum_norms == []
+    assert main(["sweep", "--pool", "1", "--data-dir", d]) == 0 and seen["cfg"].pool == 1
 
 
 def test_interrupted_train_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
