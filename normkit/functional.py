@@ -57,8 +57,7 @@ from normkit._core import (
     check_eps,
     check_float_input,
     check_momentum,
-    check_param_dtypes,
-    check_vector,
+    check_per_channel,
     check_weights,
     mask_for,
     merge_moments,
@@ -185,11 +184,6 @@ def _channel_axis(x: Tensor, channel_axis: int) -> int:
     return axis
 
 
-def _check_small(x: Tensor, c: int, **tensors: Optional[Tensor]) -> None:
-    for name, t in tensors.items():
-        check_vector(t, name, c, x.device)
-
-
 def _switchable(x: Tensor, running_mean, running_var, weight, bias, mean_logits, var_logits, sources, training: bool,
                 momentum: float, eps: float, channel_axis: int, mask, process_group, policy) -> Tensor:
     """The functional SN family: ``policy(mean_logits, var_logits) -> (mean_weights,
@@ -235,9 +229,8 @@ def run(
 ) -> Tensor:
     """Validate every per-channel tensor against ``x`` (on every backend), then
     :func:`normalize`. ``x`` is a float tensor and ``channel_axis`` is non-negative."""
-    c = x.shape[channel_axis]
-    _check_small(x, c, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    check_param_dtypes(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_per_channel(x, x.shape[channel_axis], weight=weight, bias=bias, running_mean=running_mean,
+                      running_var=running_var)
     if spec.reads_running and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when statistics come from running averages")
     return normalize(x, spec, weight, bias, mean_weights, var_weights, running_mean, running_var, momentum,

@@ -13,6 +13,7 @@ from normkit._core.checks import (
     check_float_input,
     check_momentum,
     check_param_dtypes,
+    check_per_channel,
     check_vector,
     check_weights,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "check_float_input",
     "check_momentum",
     "check_param_dtypes",
+    "check_per_channel",
     "check_vector",
     "check_weights",
     "expand_stat",

@@ -15,6 +15,7 @@ __all__ = [
     "check_float_input",
     "check_momentum",
     "check_param_dtypes",
+    "check_per_channel",
     "check_vector",
     "check_weights",
 ]
@@ -107,3 +108,18 @@ def check_param_dtypes(x: Tensor, **tensors: Optional[Tensor]) -> None:
             f"mixed dtype: {name} is {t.dtype} but the input is {x.dtype} (expected {allowed}); "
             f"cast the layer (.to({x.dtype})) or the input (x.to({t.dtype}))"
         )
+
+
+def check_per_channel(x: Tensor, size: int, **tensors: Optional[Tensor]) -> None:
+    """:func:`check_vector` and :func:`check_param_dtypes` for each of ``tensors``, in one
+    pass (a layer's call runs it on its four per-channel tensors)."""
+    device, dtype = x.device, x.dtype
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.shape != (size,) or t.device != device or t.layout != torch.strided:
+            check_vector(t, name, size, device)  # raises, with the message of the first broken rule
+        if t.dtype != dtype:
+            if t.dtype not in FLOAT_DTYPES:
+                check_vector(t, name, size, device)
+            check_param_dtypes(x, **{name: t})

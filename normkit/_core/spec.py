@@ -49,35 +49,40 @@ class MixSpec:
         if self.running not in ("bn", "in"):
             raise ValueError(f"running must be 'bn' or 'in', got {self.running!r}")
         pairs = [source_code(s) for s in self.sources]
-        mask = sum(1 << k for k, const in enumerate(self.constant_sources) if const)
-        # computed once: the dispatcher reads them on every call
+        if self.batch_stats:
+            constant = (False,) * len(self.sources)
+        else:
+            in_from_running = self.running == "in" and "bn" not in self.sources
+            constant = tuple(s == "bn" or (s == "in" and in_from_running) for s in self.sources)
+        if not self.batch_stats:
+            tracked = None
+        elif "bn" in self.sources:
+            tracked = "bn"
+        else:
+            tracked = "in" if self.running == "in" and self.sources == ("in",) else None
+        mask = sum(1 << k for k, const in enumerate(constant) if const)
+        # derived once: the layers and the dispatcher read them on every call
+        object.__setattr__(self, "_derived", (constant, tracked))
         object.__setattr__(self, "_codes", (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), mask))
 
     @property
     def constant_sources(self) -> tuple[bool, ...]:
         """Per source: whether it is read from the running averages instead of the input."""
-        if self.batch_stats:
-            return (False,) * len(self.sources)
-        in_from_running = self.running == "in" and "bn" not in self.sources
-        return tuple(s == "bn" or (s == "in" and in_from_running) for s in self.sources)
+        return self._derived[0]  # type: ignore[attr-defined]
 
     @property
     def reads_running(self) -> bool:
-        return any(self.constant_sources)
+        return self._codes[2] != 0  # type: ignore[attr-defined]
 
     @property
     def needs_input_moments(self) -> bool:
         """False when every statistic comes from running averages (BN or IN in eval)."""
-        return not all(self.constant_sources)
+        return not all(self._derived[0])  # type: ignore[attr-defined]
 
     @property
     def tracked(self) -> Optional[str]:
         """The statistic whose batch value moves the running averages: 'bn', 'in' or None."""
-        if not self.batch_stats:
-            return None
-        if "bn" in self.sources:
-            return "bn"
-        return "in" if self.running == "in" and self.sources == ("in",) else None
+        return self._derived[1]  # type: ignore[attr-defined]
 
     def mix(self, m_in: Moments, mean_weights: Optional[Tensor], var_weights: Optional[Tensor],
             weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor] = None,

@@ -190,6 +190,19 @@ def _update_running_cpu(running_mean, running_var, stats, n, c, length, track, m
     torch.autograd.graph.increment_version(running_var)
 
 
+def _update_running_eager(running_mean, running_var, stats, n, c, length, track, momentum, eps):
+    """The operator's update in eager mode, with ``stats`` fresh from the forward and the
+    running tensors of its dtype and contiguous: what the kernel's validation would still
+    find wrong is checked here, and a call that fails it raises that validation's error."""
+    if running_mean.shape == (c,) and running_var.shape == (c,) and running_mean.is_cpu and running_var.is_cpu \
+            and not (running_mean.requires_grad or running_var.requires_grad) and 0.0 <= momentum <= 1.0:
+        cpu.update_running(running_mean, running_var, stats, n, c, length, track, momentum, eps)
+        torch.autograd.graph.increment_version(running_mean)
+        torch.autograd.graph.increment_version(running_var)
+    else:
+        _update_running_cpu(running_mean, running_var, stats, n, c, length, track, momentum, eps)
+
+
 @torch.library.register_fake("normkit::update_running_", lib=_lib)
 def _update_running_fake(running_mean, running_var, stats, n, c, length, track, momentum, eps=0.0):
     _same_device(stats, running_mean=running_mean, running_var=running_var)
@@ -505,7 +518,7 @@ def layer_norm_op(x: Tensor, spec: MixSpec, weight, bias, mean_weights, var_weig
     if running_mean.dtype == dtype and running_var.dtype == dtype and running_mean.is_contiguous() \
             and running_var.is_contiguous():
         if eager:
-            _update_running_cpu(running_mean, running_var, stats, n, c, length, track, float(momentum), eps)
+            _update_running_eager(running_mean, running_var, stats, n, c, length, track, float(momentum), eps)
         else:
             torch.ops.normkit.update_running_(running_mean, running_var, stats.detach(), n, c, length, track,
                                               float(momentum), eps)
