@@ -2,7 +2,8 @@
 
 import sys
 
-from .cli import main
+from .cli import main, pin_cpu_kernels
 
 if __name__ == "__main__":
+    pin_cpu_kernels()
     sys.exit(main())

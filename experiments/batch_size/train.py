@@ -349,6 +349,8 @@ def _run(cfg: TrainConfig, data: Dataset, env: _Dist, progress: bool) -> dict[st
         "train_samples": per_rank * env.world,
         "test_samples": min(cfg.limit_test or len(data.test_labels), len(data.test_labels)),
         "world_size": env.world,
+        "cpu_kernels": {"aten": torch.backends.cpu.get_cpu_capability(),
+                        "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto")},
         "global_batch": cfg.batch_size * env.world,
         "layer_options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
         "steps": total_steps,

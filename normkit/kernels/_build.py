@@ -7,7 +7,8 @@ editable installs), without torch or the rest of normkit. The result is
 or status "failed" with the exact reason, and then no library file). The loader
 (:mod:`normkit.kernels._library`) only loads a library whose bytes match that manifest.
 
-Flags: ``-O3 -std=c11 -fPIC -fno-math-errno``, ``-march=native`` unless ``NORMKIT_NATIVE=0``,
+Flags: ``-O3 -std=c11 -fPIC -fno-math-errno``, ``-march=native`` (on x86 with
+``-mprefer-vector-width=256``: AVX2 and AVX-512 machines then give the same bits) unless ``NORMKIT_NATIVE=0``,
 ``-fopenmp`` linked against the libgomp that the torch wheel bundles (found without
 importing torch; rpath to it), so that torch and the kernels share one OpenMP runtime.
 Fallbacks: without ``-march=native``, then without OpenMP (the manifest's ``openmp`` with
@@ -183,7 +184,7 @@ def _smoke_test(lib: Path, timeout: float) -> tuple[Optional[str], Optional[bool
 def _attempt(cc: list[str], source: Path, work: Path, native: bool, openmp: bool, gomp: Optional[str],
              cflags: list[str], ldflags: list[str], timeout: float) -> tuple[Optional[str], dict]:
     obj, lib = work / "norm_kernels.o", work / LIBRARY_NAME
-    compile_flags = [*BASE_FLAGS, *(["-march=native"] if native else []), *(["-fopenmp"] if openmp else []), *cflags]
+    compile_flags = [*BASE_FLAGS, *(_native_flags() if native else []), *(["-fopenmp"] if openmp else []), *cflags]
     link_flags = ["-shared"]
     if openmp:  # torch's own libgomp when it has one, else the compiler's
         link_flags += [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}"] if gomp else ["-fopenmp"]
@@ -196,6 +197,15 @@ def _attempt(cc: list[str], source: Path, work: Path, native: bool, openmp: bool
     if err is None:
         err, info["has_half"] = _smoke_test(lib, timeout)
     return err, info
+
+
+def _native_flags() -> list[str]:
+    """``-march=native``; on x86 also 256-bit vectors. The reassociated sums of the mixer add
+    lanes in an order set by the vector width, so without the cap an AVX-512 machine's
+    results differ in the last bits from an AVX2 machine's; with it, both agree bit for bit."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return ["-march=native", "-mprefer-vector-width=256"]
+    return ["-march=native"]
 
 
 def _write_json(path: Path, record: dict) -> None:
