@@ -111,15 +111,16 @@ def check_param_dtypes(x: Tensor, **tensors: Optional[Tensor]) -> None:
 
 
 def check_per_channel(x: Tensor, size: int, **tensors: Optional[Tensor]) -> None:
-    """:func:`check_vector` and :func:`check_param_dtypes` for each of ``tensors``, in one
-    pass (a layer's call runs it on its four per-channel tensors)."""
+    """:func:`check_vector` for each of ``tensors``, then :func:`check_param_dtypes`, as one
+    quick pass (a layer's call runs it on its four per-channel tensors); when anything looks
+    off, the full checks run in that order, so the error is the one they give."""
     device, dtype = x.device, x.dtype
+    for t in tensors.values():
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (size,) or t.device != device
+                              or t.layout != torch.strided or t.dtype != dtype):
+            break
+    else:
+        return
     for name, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.shape != (size,) or t.device != device or t.layout != torch.strided:
-            check_vector(t, name, size, device)  # raises, with the message of the first broken rule
-        if t.dtype != dtype:
-            if t.dtype not in FLOAT_DTYPES:
-                check_vector(t, name, size, device)
-            check_param_dtypes(x, **{name: t})
+        check_vector(t, name, size, device)
+    check_param_dtypes(x, **tensors)

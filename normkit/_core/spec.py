@@ -48,41 +48,49 @@ class MixSpec:
     def __post_init__(self) -> None:
         if self.running not in ("bn", "in"):
             raise ValueError(f"running must be 'bn' or 'in', got {self.running!r}")
-        pairs = [source_code(s) for s in self.sources]
+        self._facts()  # invalid sources raise here, at construction
+
+    def _facts(self) -> tuple:
+        """``(constant, tracked, codes)``, derived on first use and kept: the layers and the
+        dispatcher read them on every call. Lazy, so that a subclass whose own
+        ``__post_init__`` skips this one still works; ``codes`` follows a subclass's
+        ``constant_sources``."""
+        facts = self.__dict__.get("_derived")
+        if facts is not None:
+            return facts
         if self.batch_stats:
             constant = (False,) * len(self.sources)
+            tracked = "bn" if "bn" in self.sources else (
+                "in" if self.running == "in" and self.sources == ("in",) else None)
         else:
             in_from_running = self.running == "in" and "bn" not in self.sources
             constant = tuple(s == "bn" or (s == "in" and in_from_running) for s in self.sources)
-        if not self.batch_stats:
             tracked = None
-        elif "bn" in self.sources:
-            tracked = "bn"
-        else:
-            tracked = "in" if self.running == "in" and self.sources == ("in",) else None
-        mask = sum(1 << k for k, const in enumerate(constant) if const)
-        # derived once: the layers and the dispatcher read them on every call
-        object.__setattr__(self, "_derived", (constant, tracked))
-        object.__setattr__(self, "_codes", (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), mask))
+        object.__setattr__(self, "_derived", (constant, tracked, None))  # constant_sources may read it
+        pairs = [source_code(s) for s in self.sources]
+        mask = sum(1 << k for k, const in enumerate(self.constant_sources) if const)
+        facts = (constant, tracked, (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), mask))
+        object.__setattr__(self, "_derived", facts)
+        return facts
 
     @property
     def constant_sources(self) -> tuple[bool, ...]:
         """Per source: whether it is read from the running averages instead of the input."""
-        return self._derived[0]  # type: ignore[attr-defined]
+        return self._facts()[0]
 
     @property
     def reads_running(self) -> bool:
-        return self._codes[2] != 0  # type: ignore[attr-defined]
+        return self.codes[2] != 0
 
     @property
     def needs_input_moments(self) -> bool:
         """False when every statistic comes from running averages (BN or IN in eval)."""
-        return not all(self._derived[0])  # type: ignore[attr-defined]
+        return self.codes[2] != (1 << len(self.sources)) - 1
 
     @property
     def tracked(self) -> Optional[str]:
         """The statistic whose batch value moves the running averages: 'bn', 'in' or None."""
-        return self._derived[1]  # type: ignore[attr-defined]
+        return self._facts()[1]
 
     def mix(self, m_in: Moments, mean_weights: Optional[Tensor], var_weights: Optional[Tensor],
             weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor] = None,
@@ -98,7 +106,7 @@ class MixSpec:
     @property
     def codes(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """``(kinds, groups, constant_mask)``: this spec in the compiled mixer's terms."""
-        return self._codes  # type: ignore[attr-defined]
+        return self._facts()[2]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ ctypes releases the GIL during each call; OpenMP threads follow ``torch.get_num_
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -124,6 +125,23 @@ def matching(t: Tensor, like: Tensor, nlc: int, axis: int) -> Tensor:
     return out
 
 
+def memory_refusal(t: Tensor) -> Optional[str]:
+    """Why the C code must not read or write t's memory, or None: its storage is shorter than
+    its data (freed with ``resize_(0)``, as FSDP does), or it carries a lazy negation bit that
+    C would not see. For a strided tensor with elements."""
+    if t.is_neg():
+        return "it carries a lazy negation bit (call .resolve_neg() first)"
+    if t.is_contiguous():
+        need = (t.storage_offset() + t.numel()) * t.element_size()
+    else:  # the last element's offset (strides may be 0: an expanded dy)
+        need = (t.storage_offset() + 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) \
+            * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if have < need:
+        return f"its storage holds {have} bytes, fewer than the {need} its data reaches (freed or resized storage)"
+    return None
+
+
 def _refusal(x: Tensor) -> Optional[str]:
     """Why the C kernels cannot take x whatever its layout, or None."""
     if not x.is_cpu:
@@ -145,6 +163,9 @@ def _supports(x: Tensor, axis: int) -> Optional[str]:
     reason = _refusal(x)
     if reason is None and layout_of(x, axis) is None:
         reason = _layout_refusal(x)
+    # compile traces no tensor flags (and functionalization resolves them); eager may meet one
+    if reason is None and not torch.compiler.is_compiling() and x.is_neg():
+        reason = "x carries a lazy negation bit"
     return reason
 
 
@@ -158,6 +179,9 @@ def _stat(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> N
             f"{'contiguous' if t.is_contiguous() else 'non-contiguous'} {t.device.type} {t.dtype} tensor "
             f"of shape {tuple(t.shape)}"
         )
+    # memory_refusal's test, for a contiguous tensor of known size and dtype
+    if t.is_neg() or t.untyped_storage().nbytes() < (t.storage_offset() + math.prod(shape)) * t.element_size():
+        raise ValueError(f"{name} cannot reach the C kernels: {memory_refusal(t)}")
 
 
 def check_pass_input(x: Tensor, axis: int) -> tuple[int, int, int, int]:
@@ -170,6 +194,8 @@ def check_pass_input(x: Tensor, axis: int) -> tuple[int, int, int, int]:
     layout = layout_of(x, axis) if reason is None else None
     if reason is None and layout is None:
         reason = _layout_refusal(x)
+    if reason is None:
+        reason = memory_refusal(x)
     if reason is not None:
         raise ValueError(f"the normkit CPU kernels cannot take this input: {reason}")
     return layout  # type: ignore[return-value]
@@ -180,6 +206,9 @@ def _like_x(t: Tensor, x: Tensor, name: str) -> None:
             or not (t.is_cpu and x.is_cpu or t.device == x.device):
         got = f"shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"{name} must be a strided tensor of x's shape {tuple(x.shape)} on {x.device}, got {got}")
+    reason = memory_refusal(t)
+    if reason is not None:
+        raise ValueError(f"{name} cannot reach the C kernels: {reason}")
 
 
 # ---- the four passes (the generic fused path) ----------------------------------------------
