@@ -524,3 +524,22 @@ def test_norms_come_from_normkit_at_run_time():
         train(TrainConfig(norm="gn", norm_momentum=0.01))
     with pytest.raises(ConfigError, match="unknown normalization name 'xyz'"):
         train(TrainConfig(norm="xyz"))
+
+
+def test_pin_cpu_kernels_sets_avx2_only_where_unset_and_only_with_avx2(tmp_path, monkeypatch):
+    from experiments.batch_size import cli
+
+    has_avx2 = cli._has_avx2
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    monkeypatch.setattr(cli, "_has_avx2", lambda: True)
+    assert cli.pin_cpu_kernels(env) == {"ATEN_CPU_CAPABILITY": "avx2"}
+    assert env == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx2"}  # the user's value wins
+    monkeypatch.setattr(cli, "_has_avx2", lambda: False)
+    env = {}
+    assert cli.pin_cpu_kernels(env) == {} and env == {}
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse2 avx fma avx2\n")
+    assert has_avx2(str(info))
+    info.write_text("processor : 0\nflags : fpu sse2 avx\n")
+    assert not has_avx2(str(info))
+    assert not has_avx2(str(tmp_path / "missing"))
