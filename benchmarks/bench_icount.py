@@ -117,11 +117,14 @@ def main(argv=None) -> int:
         cc = os.environ.get("CC", "cc")
         subprocess.run([cc, "-O2", "-shared", "-fPIC", src, "-o", helper], check=True)
         out = os.path.join(tmp, "cg.out")
+        # valgrind cannot decode AVX-512: torch's kernels are held to AVX2 under it (a
+        # native normkit build on an AVX-512 machine still needs the rebuild the error names)
+        env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", **os.environ}
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
              os.path.abspath(__file__), "--root", root, "--shape", args.shape, "--only", args.only, "--child",
              helper],
-            capture_output=True, text=True)
+            capture_output=True, text=True, env=env)
         names = [line[5:] for line in done.stdout.splitlines() if line.startswith("CASE ")]
         dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
         counts = []
@@ -130,6 +133,10 @@ def main(argv=None) -> int:
                 counts += [int(line.split()[1]) for line in f if line.startswith("totals:")]
         if done.returncode != 0 or len(counts) != len(names):
             print(done.stderr[-3000:], file=sys.stderr)
+            if "SIGILL" in done.stderr:
+                print("valgrind met an instruction it cannot decode (AVX-512 in a native build): rebuild the "
+                      "kernels with NORMKIT_NATIVE=0 CFLAGS=-march=x86-64-v3 python -m normkit.kernels._build, "
+                      "count, then rebuild them as usual", file=sys.stderr)
             return 1
     print(f"normkit from {root}; shape {shape}; 1 thread; thousands of instructions per call (callgrind)")
     for name, count in zip(names, counts):
