@@ -125,6 +125,12 @@ def matching(t: Tensor, like: Tensor, nlc: int, axis: int) -> Tensor:
     return out
 
 
+def storage_covers(t: Tensor, elements: int) -> bool:
+    """The quick form of :func:`memory_refusal` for a contiguous tensor of ``elements``
+    elements: no negation bit, and its storage reaches its last element."""
+    return not t.is_neg() and t.untyped_storage().nbytes() >= (t.storage_offset() + elements) * t.element_size()
+
+
 def memory_refusal(t: Tensor) -> Optional[str]:
     """Why the C code must not read or write t's memory, or None: its storage is shorter than
     its data (freed with ``resize_(0)``, as FSDP does), or it carries a lazy negation bit that
@@ -179,8 +185,7 @@ def _stat(t: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> N
             f"{'contiguous' if t.is_contiguous() else 'non-contiguous'} {t.device.type} {t.dtype} tensor "
             f"of shape {tuple(t.shape)}"
         )
-    # memory_refusal's test, for a contiguous tensor of known size and dtype
-    if t.is_neg() or t.untyped_storage().nbytes() < (t.storage_offset() + math.prod(shape)) * t.element_size():
+    if not storage_covers(t, math.prod(shape)):
         raise ValueError(f"{name} cannot reach the C kernels: {memory_refusal(t)}")
 
 

@@ -197,9 +197,7 @@ def _update_running_eager(running_mean, running_var, stats, n, c, length, track,
     if running_mean.shape == (c,) and running_var.shape == (c,) and running_mean.is_cpu and running_var.is_cpu \
             and not (running_mean.requires_grad or running_var.requires_grad) and 0.0 <= momentum <= 1.0 \
             and running_mean.layout == torch.strided and running_var.layout == torch.strided \
-            and not (running_mean.is_neg() or running_var.is_neg()) \
-            and running_mean.untyped_storage().nbytes() >= (running_mean.storage_offset() + c) * stats.element_size() \
-            and running_var.untyped_storage().nbytes() >= (running_var.storage_offset() + c) * stats.element_size():
+            and cpu.storage_covers(running_mean, c) and cpu.storage_covers(running_var, c):
         cpu.update_running(running_mean, running_var, stats, n, c, length, track, momentum, eps)
         torch.autograd.graph.increment_version(running_mean)
         torch.autograd.graph.increment_version(running_var)
