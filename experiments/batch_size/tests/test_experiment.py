@@ -268,6 +268,25 @@ def test_full_sweep_reuses_the_committed_study_runs():
         assert _finished(os.path.join(study, name), configs[name]) is not None, name
 
 
+def test_committed_full_study_tables_come_from_its_runs():
+    """docs/study/results.md is what the report writes from the committed runs, digit for
+    digit: every run in results.json is the run stored under docs/study/runs/, and no table
+    was edited by hand."""
+    from experiments.batch_size.sweep import run_dir
+
+    study = os.path.join(REPO, "docs", "study")
+    if not os.path.isfile(os.path.join(study, "results.json")):
+        pytest.skip("no committed full-study report")
+    with open(os.path.join(study, "results.json")) as f:
+        report = json.load(f)
+    for run in report["runs"]:
+        name = os.path.basename(run_dir("", TrainConfig(**run["config"])))
+        with open(os.path.join(study, "runs", name, "result.json")) as f:
+            assert json.load(f) == run, name
+    with open(os.path.join(study, "results.md")) as f:
+        assert f.read() == results_markdown(report["runs"], report["command"], report["elapsed_seconds"])
+
+
 def test_sweep_smoke_resume_and_parallel(tmp_path, monkeypatch):
     d = fake_fashion(tmp_path / "fm")
     base = TrainConfig(epochs=1, width=4, data_dir=d, recompute_samples=32, limit_test=20)
