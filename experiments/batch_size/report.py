@@ -66,6 +66,13 @@ class Cells:
         """Normalizers whose runs carry importance weights."""
         return [n for n in self.norms if any(r.get("importance") for (m, _b, _mo), g in self.groups.items() if m == n for r in g.values())]
 
+    def comparisons(self) -> list[tuple[str, str]]:
+        """``(norm, other)`` pairs the report compares: every switchable normalizer against
+        each fixed one, and against the switchable ones listed before it (SSN - SN)."""
+        switchable = self.switchable()
+        fixed = [n for n in self.norms if n not in switchable]
+        return [(norm, other) for i, norm in enumerate(switchable) for other in fixed + switchable[:i]]
+
 
 def _weights(run: dict[str, Any]) -> dict[str, list[float]]:
     rows = run.get("importance") or []
@@ -120,17 +127,15 @@ def accuracy_table(cells: Cells, key: str) -> list[str]:
 
 
 def gap_table(cells: Cells, key: str = BATCH_AVG) -> list[str]:
-    """Each normalizer against its own best batch size, and switchable ones against the others."""
+    """Each normalizer against its own best batch size, then the pairs of :meth:`Cells.comparisons`."""
     lines = _header("difference (points)", cells.sizes)
     for norm in cells.norms:
         best = cells.best_batch(norm, key)
         row = [_pm(cells.versus_best(norm, b, key), signed=True) if b != best else "best" for b in cells.sizes]
         lines.append(f"| {_label(norm)} - {_label(norm)} at its best | " + " | ".join(row) + " |")
-    for norm in cells.switchable():
-        for other in cells.norms:
-            if other != norm and other not in cells.switchable():
-                row = [_pm(cells.versus(norm, other, b, key), signed=True) for b in cells.sizes]
-                lines.append(f"| {_label(norm)} - {_label(other)} | " + " | ".join(row) + " |")
+    for norm, other in cells.comparisons():
+        row = [_pm(cells.versus(norm, other, b, key), signed=True) for b in cells.sizes]
+        lines.append(f"| {_label(norm)} - {_label(other)} | " + " | ".join(row) + " |")
     return lines
 
 
@@ -269,12 +274,12 @@ def _momentum_claims(cells: Cells) -> list[str]:
 
 
 def claims(cells: Cells) -> list[str]:
-    """The summary's lines: each normalizer against its best batch size, switchable ones
-    against the others, the switchable weights, and moving vs batch averages."""
+    """The summary's lines: each normalizer against its best batch size, the pairs of
+    :meth:`Cells.comparisons`, the switchable weights, and moving vs batch averages."""
     lines = [_norm_claim(cells, n) for n in cells.norms]
+    pairs = cells.comparisons()
     for norm in cells.switchable():
-        lines += [c for other in cells.norms if other != norm and other not in cells.switchable()
-                  if (c := _pair_claim(cells, norm, other))]
+        lines += [c for first, other in pairs if first == norm if (c := _pair_claim(cells, norm, other))]
         weight = _weight_claim(cells, norm)
         if weight:
             lines.append(weight)

@@ -373,6 +373,28 @@ def test_results_markdown_intervals_and_resolved_claims():
     assert "| BN | 200 (200) | 3200 (3200) |" in md  # 100 samples, 1 CPU second per run
 
 
+def test_results_markdown_compares_a_second_switchable_norm_with_the_first():
+    """With BRN and SSN in the grid: SN and SSN each against BN and BRN, and SSN against SN
+    (the pair the five-norm grid is run for); SN is not compared back against SSN."""
+    runs = []
+    for seed, offset in enumerate((0.0, 0.005, 0.01)):
+        for batch in (2, 32):
+            runs += [
+                _fake_run("bn", batch, seed, 0.80 + offset, 0.80 + offset),
+                _fake_run("sn", batch, seed, 0.88, 0.88 + offset, _weights(0.30)),
+                _fake_run("brn", batch, seed, 0.82 + offset, 0.82 + offset),
+                _fake_run("ssn", batch, seed, 0.88, 0.87 + 2 * offset, _weights(0.40)),
+            ]
+    md = results_markdown(runs)
+    rows = [line.split(" |")[0] for line in md.splitlines() if line.startswith("| ") and " - " in line.split(" |")[0]]
+    assert rows[4:] == ["| SN - BN", "| SN - BRN", "| SSN - BN", "| SSN - BRN", "| SSN - SN"]
+    # per seed SSN - SN: -1.0, -0.5, 0.0 points
+    assert "| SSN - SN | -0.50 ± 1.24 | -0.50 ± 1.24 |" in md
+    assert "- SSN - SN: within noise at batch 2, 32\n" in md
+    assert "- SSN - BRN: higher beyond noise at batch 2 (+5.5 [+4.3, +6.7]), 32 (+5.5 [+4.3, +6.7])\n" in md
+    assert "| SN - SSN" not in md and "- SN - SSN" not in md
+
+
 def test_intervals_by_hand():
     iv = interval([1.0, 2.0, 3.0])
     assert (iv.mean, iv.n) == (2.0, 3) and iv.half_width == pytest.approx(4.303 / math.sqrt(3))
