@@ -4,6 +4,7 @@ importance) on a network that trains until every layer is one-hot."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -30,7 +31,7 @@ def test_linear_schedule_reaches_one_hot_radius_and_stays():
     for _ in range(60):
         m(x)
         radii.append(float(m.radius))
-    assert radii[:3] == pytest.approx([1 / 50, 2 / 50, 3 / 50])
+    assert radii[:3] == pytest.approx([0.0, 1 / 50, 2 / 50])  # step t takes r = t / T, t from 0
     assert radii[-1] == m.max_radius == pytest.approx(math.sqrt(2 / 3))
     assert int(m.radius_step) == 60
     assert torch.equal(m.mean_weights, torch.tensor([1.0, 0.0, 0.0], dtype=DOUBLE))  # equal logits: first source
@@ -58,7 +59,7 @@ def test_callable_schedule_and_fixed_radius():
     x = torch.randn(2, 3, 2, 2)
     m(x)
     m(x)
-    assert float(m.radius) == pytest.approx(0.2)
+    assert float(m.radius) == pytest.approx(0.1)  # the second step: schedule(1)
     for _ in range(20):
         m(x)
     assert float(m.radius) == pytest.approx(m.max_radius)  # clipped
@@ -67,6 +68,48 @@ def test_callable_schedule_and_fixed_radius():
     assert float(fixed.radius) == pytest.approx(0.3) and int(fixed.radius_step) == 1
     fixed.set_radius(0.5)
     assert float(fixed.radius) == pytest.approx(0.5)
+
+
+def _tiny_net(seed, steps):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), normkit.SparseSwitchNorm2d(6, radius_steps=steps), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), normkit.SparseSwitchNorm2d(6, radius_steps=steps), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_logits_learn_from_their_equal_start(seed):
+    """The first step is sparsemax, so the equal initial logits get a gradient and leave the
+    tie; at an exact tie with r > 0 the weights are locally constant and the logits would stay
+    equal (the weights then only follow the radius towards the first source)."""
+    net = _tiny_net(seed, steps=1000)
+    layers = [net[1], net[4]]
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    data = torch.randn(16, 3, 6, 6)
+    target = (data.mean((1, 2, 3)) > 0).long()
+    for i in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(data), target).backward()
+        if i == 0:
+            assert all(float(m.mean_logits.grad.abs().max()) > 0 and float(m.var_logits.grad.abs().max()) > 0
+                       for m in layers)
+        opt.step()
+    for m in layers:
+        for logits in (m.mean_logits, m.var_logits):
+            assert len(set(logits.tolist())) == 3, logits  # no two equal
+    # what the tie point would give at this radius: the first source ahead, the others equal
+    r = float(layers[0].radius)
+    tie = torch.tensor([1 / 3 + r * math.sqrt(2 / 3), 1 / 3 - r / math.sqrt(6), 1 / 3 - r / math.sqrt(6)], dtype=DOUBLE)
+    assert all(not torch.allclose(m.mean_weights.detach(), tie, atol=1e-6) for m in layers)
+    assert not torch.equal(layers[0].mean_weights, layers[1].mean_weights)
+
+
+def test_equal_logits_at_a_fixed_radius_are_stuck_at_the_tie_point():
+    """The documented trap of a fixed radius > 0 from the start: zero gradient at the tie."""
+    m = normkit.SparseSwitchNorm2d(3, radius=0.3, radius_steps=None)
+    x = torch.randn(4, 3, 3, 3)
+    m(x).pow(2).mul(torch.randn(4, 3, 3, 3)).sum().backward()
+    assert torch.equal(m.mean_logits.grad, torch.zeros(3)) and torch.equal(m.var_logits.grad, torch.zeros(3))
 
 
 def test_eval_and_no_grad_are_not_training_steps():
@@ -197,6 +240,19 @@ def test_training_ends_one_hot_then_harden_and_fuse_change_nothing():
     assert any(0.0 < w < 1.0 for row in history[0].rows for w in row.mean)  # it mixed before
     net.eval()
     x = torch.randn(4, 3, 6, 6)
+    # a layer that chose different sources for its means and its variances is computed by no
+    # plain layer, so harden leaves it (and the output) as it is
+    mixed = sum(row.mean.index(1.0) != row.var.index(1.0) for row in history[-1].rows)
+    assert mixed >= 1, history[-1].rows
+    before = net(x)
+    kept = normkit.harden(copy.deepcopy(net))
+    assert sum(isinstance(m, normkit.SparseSwitchNorm2d) for m in kept.modules()) == mixed
+    torch.testing.assert_close(kept(x), before, rtol=0, atol=0)
+    # a layer whose means and variances chose the same source becomes that plain layer
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, normkit.SparseSwitchNorm2d):
+                m.var_logits.copy_(m.mean_logits)
     before = net(x)
     normkit.harden(net)
     assert not any(isinstance(m, normkit.SparseSwitchNorm2d) for m in net.modules())

@@ -50,19 +50,26 @@ def _batch_sources(layer: nn.Module) -> Optional[tuple[str, ...]]:
     return tuple(sources) if sources is not None and "bn" in sources else None
 
 
-def layer_options(name: str, batch_size: int, momentum: Optional[float] = None) -> dict[str, Any]:
+def layer_options(name: str, batch_size: int, momentum: Optional[float] = None,
+                  total_steps: Optional[int] = None) -> dict[str, Any]:
     """Constructor options for the study's layers of ``name`` at per-process ``batch_size``.
 
     A switchable layer (one with ``sources``) drops its BN source at batch 1, where the batch
     statistic of a channel is its instance statistic (the SN paper's setting for batch 1);
     ``momentum`` (the weight of the new batch in the running averages) is set only when given.
+    A layer with a radius schedule (``radius_steps``: Sparse SN) gets the run's
+    ``total_steps`` as its length, the SSN paper's ``r = t / T`` with ``T`` the number of
+    training steps, so that every run ends one-hot whatever its batch size.
     """
     options: dict[str, Any] = {}
-    sources = _batch_sources(probe(name))
+    layer = probe(name)
+    sources = _batch_sources(layer)
     if batch_size == 1 and sources is not None:
         options["sources"] = tuple(s for s in sources if s != "bn")
     if momentum is not None:
         options["momentum"] = momentum
+    if total_steps is not None and getattr(layer, "radius_steps", None) is not None:
+        options["radius_steps"] = total_steps
     return options
 
 

@@ -275,16 +275,6 @@ def _run(cfg: TrainConfig, data: Dataset, env: _Dist, progress: bool) -> dict[st
 
     start, cpu_at_start = time.perf_counter(), time.process_time()
     data = pooled(data, cfg.pool)
-    torch.manual_seed(cfg.seed)
-    options = layer_options(cfg.norm, cfg.batch_size, cfg.norm_momentum)
-    model = ResNetSmall(cfg.norm, num_classes=data.num_classes, width=cfg.width, gn_groups=cfg.gn_groups, **options)
-    model.to(env.device)
-    if cfg.sync_stats and env.world > 1:
-        convert(model, "sync")
-    net: nn.Module = model
-    if env.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-
     subset = _train_subset(data, cfg)
     per_rank = len(subset) // env.world
     steps_per_epoch = per_rank // cfg.batch_size
@@ -294,6 +284,16 @@ def _run(cfg: TrainConfig, data: Dataset, env: _Dist, progress: bool) -> dict[st
             "lower --batch-size or raise --limit-train"
         )
     total_steps = steps_per_epoch * cfg.epochs
+    torch.manual_seed(cfg.seed)
+    options = layer_options(cfg.norm, cfg.batch_size, cfg.norm_momentum, total_steps)
+    model = ResNetSmall(cfg.norm, num_classes=data.num_classes, width=cfg.width, gn_groups=cfg.gn_groups, **options)
+    model.to(env.device)
+    if cfg.sync_stats and env.world > 1:
+        convert(model, "sync")
+    net: nn.Module = model
+    if env.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
     peak_lr = scaled_lr(cfg.batch_size, env.world, cfg.base_lr, cfg.ref_batch, cfg.max_lr)
     optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=peak_lr, momentum=cfg.momentum, nesterov=True)
     order_rng = torch.Generator().manual_seed(cfg.seed + 1)

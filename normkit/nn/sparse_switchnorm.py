@@ -41,16 +41,21 @@ class _SparseSwitchNorm(_SwitchNorm):
 
     **Radius schedule.** The radius is the buffer ``radius`` (saved in the state dict) and is
     driven by the buffer ``radius_step``, the number of training steps taken: every forward in
-    training mode with gradients enabled (outside ``torch.func`` transforms) is one step (``radius_step += 1``, then the radius is
-    set from the schedule). Forwards in eval or under ``torch.no_grad()`` (validation,
+    training mode with gradients enabled (outside ``torch.func`` transforms) is one step: the
+    radius is set from the schedule at ``t``, the steps taken before it, then ``radius_step
+    += 1``. The first step is therefore sparsemax: the logits start equal, and equal logits
+    with ``r > 0`` sit at the tie point, where the weights are locally constant (zero
+    gradient) and the logits would never move. (A fixed ``radius > 0`` from the start has
+    that problem: break the tie first.) Forwards in eval or under ``torch.no_grad()`` (validation,
     :func:`normkit.recompute_stats`) do not move it, and a model loaded from a checkpoint
     continues the same schedule. The schedule, by priority:
 
     * ``radius_schedule(step) -> r``, a callable (clipped to :math:`r_c`; not saved: pass the
       same one when you rebuild the layer);
     * ``radius_steps = T`` (default 10000): the paper's linear growth, :math:`r = \min(r_c,
-      t / T)` (the official code's ``r = t / T`` with ``T`` the total number of iterations: a
-      layer of 3 sources is one-hot from :math:`0.816\,T` on, 4 sources from :math:`0.866\,T`);
+      t / T)` with ``t`` counted from 0 (the official code's ``r = t / T`` with ``T`` the total
+      number of iterations: a layer of 3 sources is one-hot from step :math:`0.816\,T` on, 4
+      sources from :math:`0.866\,T`);
     * ``radius_steps=None`` and no callable: the radius stays where it is (``radius`` at
       construction, then whatever :meth:`set_radius` sets).
 
@@ -143,12 +148,14 @@ class _SparseSwitchNorm(_SwitchNorm):
         return (MixSpec, *self._importance_weights())
 
     def _importance_weights(self) -> tuple[Tensor, Tensor]:
-        # one training step; a torch.func transform (jacrev, vmap, ...) analyses the layer and
-        # cannot mutate its buffers
+        # One training step; a torch.func transform (jacrev, vmap, ...) analyses the layer and
+        # cannot mutate its buffers. The radius of a step comes from the steps taken before it,
+        # so the first step is sparsemax (r = 0): the logits start equal, and equal logits with
+        # r > 0 sit at the tie point, whose gradient is zero; they would never move.
         radius = self.radius
         if self.training and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             step = self.radius_step
-            step.add_(1)
+            scheduled: Any = None  # the radius of this step, when the weights take it directly
             if self.radius_schedule is not None:
                 radius.fill_(self._checked(self.radius_schedule(int(step)), "radius_schedule(step)"))
             elif self.radius_steps is not None:
@@ -157,13 +164,16 @@ class _SparseSwitchNorm(_SwitchNorm):
                     value = min(step.tolist() / self.radius_steps, self.max_radius)
                     radius.fill_(value)
                     if radius.dtype is torch.float64:
-                        return layer_weights(self.mean_logits, self.var_logits, value)
+                        scheduled = value
                 else:  # tensor ops: no host read of the step
                     value = (step.double() / self.radius_steps).clamp(max=self.max_radius)
                     radius.copy_(value)
                     # the weights from the value, not the buffer read back: compiled code (torch
                     # 2.13) can drop the write to a 0-dim float64 buffer
-                    return layer_weights(self.mean_logits, self.var_logits, value.to(radius.dtype))
+                    scheduled = value.to(radius.dtype)
+            step.add_(1)
+            if scheduled is not None:
+                return layer_weights(self.mean_logits, self.var_logits, scheduled)
         return layer_weights(self.mean_logits, self.var_logits, radius)
 
     @property

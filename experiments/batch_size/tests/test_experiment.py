@@ -204,6 +204,20 @@ def test_sn_at_batch_1_runs_without_its_bn_source(tmp_path):
     assert result["recompute"] == "no running statistics: nothing to recompute"
 
 
+def test_ssn_runs_end_one_hot_with_learned_choices(tmp_path):
+    """Its radius reaches one-hot within the run, and the logits learn (they leave their
+    equal start, where every layer would pick the first source for both statistics)."""
+    d = fake_fashion(tmp_path / "fm", n_train=48)
+    result = train(TrainConfig(norm="ssn", batch_size=4, epochs=2, width=4, data_dir=d, limit_test=10),
+                   progress=False, log=lambda _m: None)
+    assert result["layer_options"] == {"radius_steps": 24} and result["steps"] == 24
+    rows = result["importance"]
+    for row in rows:
+        for stat in ("mean", "var"):
+            assert sorted(row[f"{stat}_{s}"] for s in ("in", "ln", "bn")) == [0.0, 0.0, 1.0], row
+    assert any(row["mean_in"] != 1.0 or row["var_in"] != 1.0 for row in rows), rows
+
+
 def test_train_writes_result_and_is_reproducible(tmp_path):
     d = fake_fashion(tmp_path / "fm")
     cfg = TrainConfig(norm="sn", batch_size=8, epochs=2, width=4, data_dir=d, seed=3, recompute_samples=64, threads=1)
@@ -561,6 +575,11 @@ def test_norms_come_from_normkit_at_run_time():
     assert available_norms(("bn", "no-such-norm", "sn")) == ["bn", "sn"]
     assert layer_options("sn", 1) == {"sources": ("in", "ln")} and layer_options("sn", 2) == {}
     assert layer_options("bn", 1, momentum=0.01) == {"momentum": 0.01}
+    # Sparse SN's radius grows over the whole run (one-hot from 0.816 of it on); the others
+    # have no radius
+    assert layer_options("ssn", 4, total_steps=500) == {"radius_steps": 500}
+    assert layer_options("ssn", 1, total_steps=500) == {"sources": ("in", "ln"), "radius_steps": 500}
+    assert layer_options("sn", 4, total_steps=500) == {} and layer_options("ssn", 4) == {}
     with pytest.raises(ConfigError, match="norm momentum needs a normalizer with running averages .*got 'gn'"):
         train(TrainConfig(norm="gn", norm_momentum=0.01))
     with pytest.raises(ConfigError, match="unknown normalization name 'xyz'"):
