@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["STUDY_NORMS", "available_norms", "check_norm", "layer_options", "probe", "tracks_running_stats"]
+__all__ = ["STUDY_NORMS", "available_norms", "check_norm", "layer_options", "options_record", "probe",
+           "tracks_running_stats"]
 
 #: The grid of the study, in table order: the paper's BN, GN, SN, then Batch Renormalization
 #: and Sparse SN (Luo et al., ICML 2019); only the names normkit has at run time are used.
@@ -71,6 +72,11 @@ def layer_options(name: str, batch_size: int, momentum: Optional[float] = None,
     if total_steps is not None and getattr(layer, "radius_steps", None) is not None:
         options["radius_steps"] = total_steps
     return options
+
+
+def options_record(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` as a run's ``result.json`` stores them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
 def tracks_running_stats(name: str) -> bool:

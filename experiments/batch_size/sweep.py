@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .data import Dataset, load_dataset
 from .deps import has_module
+from .norms import layer_options, options_record
 from .report import results_markdown, summary_text
 from .train import ConfigError, TrainConfig, config_error, summary_line, train
 
@@ -61,13 +62,18 @@ def run_dir(out: str, cfg: TrainConfig) -> str:
 
 
 def _finished(path: str, cfg: TrainConfig) -> Optional[dict[str, Any]]:
-    """The stored result of this exact config, or None."""
+    """The stored result of this exact config, or None; also None when the layers this code
+    builds for it take other options (a run from before a change of the study's layers)."""
     try:
         with open(os.path.join(path, "result.json")) as f:
             result = json.load(f)
     except (OSError, ValueError):
         return None
-    return result if result.get("config") == cfg.to_dict() else None
+    if result.get("config") != cfg.to_dict():
+        return None
+    steps = result.get("steps")
+    expected = layer_options(cfg.norm, cfg.batch_size, cfg.norm_momentum, steps if isinstance(steps, int) else None)
+    return result if result.get("layer_options") == options_record(expected) else None
 
 
 _worker_data: Optional[Dataset] = None

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .data import Dataset, load_dataset, pooled
 from .deps import has_module
 from .model import ResNetSmall
-from .norms import check_norm, layer_options, tracks_running_stats
+from .norms import check_norm, layer_options, options_record, tracks_running_stats
 from .progress import Progress
 
 __all__ = ["ConfigError", "TrainConfig", "scaled_lr", "train", "config_error", "summary_line", "write_result"]
@@ -352,7 +352,7 @@ def _run(cfg: TrainConfig, data: Dataset, env: _Dist, progress: bool) -> dict[st
         "cpu_kernels": {"aten": torch.backends.cpu.get_cpu_capability(),
                         "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto")},
         "global_batch": cfg.batch_size * env.world,
-        "layer_options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        "layer_options": options_record(options),
         "steps": total_steps,
         "peak_lr": peak_lr,
         "lr_rule": (

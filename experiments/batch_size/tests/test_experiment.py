@@ -282,6 +282,21 @@ def test_full_sweep_reuses_the_committed_study_runs():
         assert _finished(os.path.join(study, name), configs[name]) is not None, name
 
 
+def test_a_stored_run_whose_layers_changed_is_trained_again(tmp_path):
+    """A result whose config matches but whose layer options are not what this code builds
+    (an SSN run from before its radius followed the run's length) is not reused."""
+    from experiments.batch_size.sweep import _finished
+
+    d = fake_fashion(tmp_path / "fm", n_train=24)
+    cfg = TrainConfig(norm="ssn", batch_size=4, width=4, data_dir=d, limit_test=10)
+    run = tmp_path / "run"
+    result = train(cfg, str(run), progress=False, log=lambda _m: None)
+    assert _finished(str(run), cfg) == json.loads((run / "result.json").read_text()) and result["steps"] == 6
+    stale = dict(result, layer_options={})
+    (run / "result.json").write_text(json.dumps(stale))
+    assert _finished(str(run), cfg) is None
+
+
 def test_committed_full_study_tables_come_from_its_runs():
     """docs/study/results.md is what the report writes from the committed runs, digit for
     digit: every run in results.json is the run stored under docs/study/runs/, and no table
